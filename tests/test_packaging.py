@@ -113,11 +113,10 @@ def test_install_py_installs_only_missing_and_pins_torch(tmp_path):
 
 
 def test_requirements_and_constraints_never_name_torch():
-    names = lambda path: {
-        re.split(r"[=<>!~ ;\[]", ln.strip())[0].lower()
-        for ln in path.read_text().splitlines()
-        if ln.strip() and not ln.startswith("#")
-    }  # noqa: E731
+    def names(path):
+        lines = [ln.strip() for ln in path.read_text().splitlines()]
+        return {re.split(r"[=<>!~ ;\[]", ln)[0].lower() for ln in lines if ln and not ln.startswith("#")}
+
     assert "torch" not in names(ROOT / "requirements.txt")
     assert "torch" not in names(ROOT / "constraints.txt")
     assert {"diffusers", "transformers", "peft", "accelerate"} <= names(ROOT / "constraints.txt")
