@@ -1,0 +1,282 @@
+"""Toy samples (label map, image, caption, domain) and the dataset folder the trainer reads.
+
+Folder layout written by `write_dataset`::
+
+    out/
+      images/toy_000000.png      RGB image
+      labels/toy_000000.png      palette-mode PNG of class ids (255 = ignore)
+      captions.jsonl             {"file": "toy_000000.png", "caption": "...", "domain": "night"} per line
+      labelset.yaml              the toy label set
+      preview.png                rows of [colourised label | image] with a legend
+      preview_domains.png        a few scenes, each as label | day | night | snow | fog
+
+Sample `i` of a dataset with seed `s` depends on `(s, i)`, the size and the domain list only, so any sample can
+be regenerated alone; domains cycle through the list in order (sample `i` gets `domains[i % len(domains)]`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..labels import LabelSet, colorize, get_label_set, preview_grid, save_label_map
+from ..logging import get_logger
+from .captions import make_caption
+from .render import DOMAINS, ImageStats, image_stats, render_scene
+from .scenes import IGNORE_INDEX, TOY_CLASSES, make_scene, normalize_size, sample_rng
+
+logger = get_logger(__name__)
+
+STEM_PREFIX = "toy_"
+
+
+@dataclass
+class ToySample:
+    """One sample of the toy world.
+
+    Args:
+        index (`int`): sample index in its dataset.
+        stem (`str`): file stem, ``toy_{index:06d}``.
+        labels (`np.ndarray`): `(H, W)` int64 class ids, 255 = ignore.
+        image (`np.ndarray`): `(H, W, 3)` uint8 RGB.
+        caption (`str`): caption containing the domain word.
+        domain (`str`): one of `DOMAINS`.
+    """
+
+    index: int
+    stem: str
+    labels: np.ndarray
+    image: np.ndarray
+    caption: str
+    domain: str
+
+
+@dataclass
+class ToyDatasetSummary:
+    """What `write_dataset` wrote, with figures about it.
+
+    Args:
+        root (`Path`): the dataset folder.
+        num (`int`): number of samples.
+        size (`tuple[int, int]`): `(H, W)`.
+        seed (`int`): dataset seed.
+        domains (`tuple[str, ...]`): domain cycle.
+        class_frequencies (`dict[str, float]`): share of all pixels per class name, plus "ignore".
+        domain_counts (`dict[str, int]`): samples per domain.
+        domain_stats (`dict[str, ImageStats]`): mean image statistics per domain.
+        preview (`Path`, optional): the label | image grid.
+        domain_preview (`Path`, optional): scenes across all domains.
+    """
+
+    root: Path
+    num: int
+    size: tuple[int, int]
+    seed: int
+    domains: tuple[str, ...]
+    class_frequencies: dict[str, float] = field(default_factory=dict)
+    domain_counts: dict[str, int] = field(default_factory=dict)
+    domain_stats: dict[str, ImageStats] = field(default_factory=dict)
+    preview: Path | None = None
+    domain_preview: Path | None = None
+
+
+def check_domains(domains: Sequence[str]) -> tuple[str, ...]:
+    """Validate a domain list: non-empty, each one of `DOMAINS`, no repeats."""
+    if isinstance(domains, str):
+        domains = [d.strip() for d in domains.split(",") if d.strip()]
+    domains = tuple(domains)
+    if not domains:
+        raise ValueError(f"domains must name at least one of {', '.join(DOMAINS)}")
+    unknown = [d for d in domains if d not in DOMAINS]
+    if unknown:
+        raise ValueError(f"unknown domain(s) {unknown}; the toy world has {', '.join(DOMAINS)}")
+    if len(set(domains)) != len(domains):
+        raise ValueError(f"domains repeat: {list(domains)}; name each domain once")
+    return domains
+
+
+def stem_for(index: int) -> str:
+    """File stem of sample `index`: ``toy_000042``."""
+    return f"{STEM_PREFIX}{index:06d}"
+
+
+def make_sample(
+    index: int,
+    seed: int = 0,
+    size: int | tuple[int, int] = 128,
+    domains: Sequence[str] = DOMAINS,
+    domain: str | None = None,
+) -> ToySample:
+    """Generate sample `index` of the toy dataset with seed `seed`.
+
+    Args:
+        index (`int`): sample index (non-negative).
+        seed (`int`, optional, defaults to 0): dataset seed (non-negative).
+        size (`int` or `tuple[int, int]`, optional, defaults to 128): image size.
+        domains (`Sequence[str]`, optional, defaults to `DOMAINS`): the domain cycle.
+        domain (`str`, optional): force this domain instead of `domains[index % len(domains)]`.
+    """
+    domains = check_domains(domains)
+    if domain is None:
+        domain = domains[index % len(domains)]
+    elif domain not in DOMAINS:
+        raise ValueError(f"domain must be one of {', '.join(DOMAINS)}, got {domain!r}")
+    scene = make_scene(size, seed, index)
+    image = render_scene(scene, domain, sample_rng(seed, index, 1))
+    caption = make_caption(scene, domain, sample_rng(seed, index, 2))
+    return ToySample(
+        index=index, stem=stem_for(index), labels=scene.labels, image=image, caption=caption, domain=domain
+    )
+
+
+def iter_samples(
+    num: int, seed: int = 0, size: int | tuple[int, int] = 128, domains: Sequence[str] = DOMAINS, start: int = 0
+) -> Iterator[ToySample]:
+    """Yield samples `start .. start + num - 1` (see `make_sample`)."""
+    domains = check_domains(domains)
+    for index in range(start, start + num):
+        yield make_sample(index, seed, size, domains)
+
+
+def toy_label_set() -> LabelSet:
+    """The built-in ``toy`` label set, checked against the class ids the scene painter uses."""
+    label_set = get_label_set("toy")
+    if tuple(label_set.names) != TOY_CLASSES or label_set.ignore_index != IGNORE_INDEX:
+        raise ValueError(
+            f"the toy label set has classes {list(label_set.names)} (ignore {label_set.ignore_index}) but the scene "
+            f"painter uses {list(TOY_CLASSES)} (ignore {IGNORE_INDEX}); update core/labels/builtin/toy.json"
+        )
+    return label_set
+
+
+def domain_preview(
+    indices: Sequence[int],
+    seed: int = 0,
+    size: int | tuple[int, int] = 128,
+    domains: Sequence[str] = DOMAINS,
+    label_set: LabelSet | None = None,
+    pad: int = 2,
+) -> np.ndarray:
+    """A grid showing each scene as [colourised label | one image per domain], one scene per row.
+
+    Returns:
+        `np.ndarray` `(rows * (H + pad) + pad, (1 + len(domains)) * (W + pad) + pad, 3)` uint8, white gaps.
+    """
+    domains = check_domains(domains)
+    label_set = toy_label_set() if label_set is None else label_set
+    h, w = normalize_size(size)
+    cols = 1 + len(domains)
+    grid = np.full((len(indices) * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for r, index in enumerate(indices):
+        scene = make_scene((h, w), seed, index)
+        tiles = [colorize(scene.labels, label_set)]
+        tiles += [render_scene(scene, d, sample_rng(seed, index, 1)) for d in domains]
+        y = pad + r * (h + pad)
+        for c, tile in enumerate(tiles):
+            x = pad + c * (w + pad)
+            grid[y : y + h, x : x + w] = tile
+    return grid
+
+
+def _save_rgb(path: Path, image: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(path, format="PNG", compress_level=1)
+
+
+def write_dataset(
+    out_dir: str | os.PathLike,
+    num: int,
+    *,
+    seed: int = 0,
+    size: int | tuple[int, int] = 128,
+    domains: Sequence[str] = DOMAINS,
+    preview_rows: int = 8,
+    overwrite: bool = False,
+) -> ToyDatasetSummary:
+    """Generate `num` toy samples into a dataset folder (layout in the module docstring).
+
+    Args:
+        out_dir (`str` or `os.PathLike`): the dataset folder; created if missing.
+        num (`int`): number of samples (at least 1).
+        seed (`int`, optional, defaults to 0): dataset seed (non-negative).
+        size (`int` or `tuple[int, int]`, optional, defaults to 128): image size.
+        domains (`Sequence[str]`, optional, defaults to `DOMAINS`): domains, cycled over the samples.
+        preview_rows (`int`, optional, defaults to 8): rows of the preview grids; 0 writes none.
+        overwrite (`bool`, optional, defaults to False): replace a toy dataset already in `out_dir` (its
+            ``toy_*.png`` files are deleted first); without it, an existing dataset is an error.
+
+    Returns:
+        `ToyDatasetSummary`.
+    """
+    if int(num) < 1:
+        raise ValueError(f"num must be at least 1, got {num}")
+    if int(seed) < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    if int(preview_rows) < 0:
+        raise ValueError(f"preview_rows must be non-negative, got {preview_rows}")
+    num, seed, preview_rows = int(num), int(seed), int(preview_rows)
+    domains = check_domains(domains)
+    h, w = normalize_size(size)
+    label_set = toy_label_set()
+
+    root = Path(out_dir)
+    images_dir, labels_dir, captions_path = root / "images", root / "labels", root / "captions.jsonl"
+    existing = [p for d in (images_dir, labels_dir) if d.is_dir() for p in d.glob(f"{STEM_PREFIX}*.png")]
+    if (existing or captions_path.exists()) and not overwrite:
+        raise FileExistsError(
+            f"{str(root)!r} already holds a toy dataset ({len(existing)} toy_*.png files, captions.jsonl "
+            f"{'present' if captions_path.exists() else 'absent'}); choose another folder or replace it "
+            "(overwrite=True; l2i-toy --overwrite)"
+        )
+    for path in existing:
+        path.unlink()
+    images_dir.mkdir(parents=True, exist_ok=True)
+    labels_dir.mkdir(parents=True, exist_ok=True)
+
+    pixel_counts = np.zeros(256, dtype=np.int64)
+    stat_sums = {d: np.zeros(4) for d in domains}
+    domain_counts = dict.fromkeys(domains, 0)
+    shown: list[ToySample] = []
+    with open(captions_path, "w", encoding="utf-8") as captions:
+        for sample in iter_samples(num, seed, (h, w), domains):
+            _save_rgb(images_dir / f"{sample.stem}.png", sample.image)
+            save_label_map(labels_dir / f"{sample.stem}.png", sample.labels, label_set)
+            record = {"file": f"{sample.stem}.png", "caption": sample.caption, "domain": sample.domain}
+            captions.write(json.dumps(record, ensure_ascii=False) + "\n")
+            pixel_counts += np.bincount(sample.labels.ravel(), minlength=256)[:256]
+            stats = image_stats(sample.image)
+            stat_sums[sample.domain] += (stats.brightness, stats.saturation, stats.contrast, stats.white_fraction)
+            domain_counts[sample.domain] += 1
+            if len(shown) < preview_rows:
+                shown.append(sample)
+    label_set.save(root / "labelset.yaml")
+
+    total = pixel_counts.sum()
+    frequencies = {name: float(pixel_counts[i] / total) for i, name in enumerate(TOY_CLASSES)}
+    frequencies["ignore"] = float(pixel_counts[IGNORE_INDEX] / total)
+    domain_stats = {d: ImageStats(*(stat_sums[d] / domain_counts[d]).tolist()) for d in domains if domain_counts[d]}
+    summary = ToyDatasetSummary(
+        root=root,
+        num=num,
+        size=(h, w),
+        seed=seed,
+        domains=domains,
+        class_frequencies=frequencies,
+        domain_counts=domain_counts,
+        domain_stats=domain_stats,
+    )
+    if preview_rows:
+        grid = preview_grid([s.labels for s in shown], label_set, [s.image for s in shown])
+        summary.preview = root / "preview.png"
+        _save_rgb(summary.preview, grid)
+        rows = list(range(min(preview_rows, 4, num)))
+        summary.domain_preview = root / "preview_domains.png"
+        _save_rgb(summary.domain_preview, domain_preview(rows, seed, (h, w), domains, label_set))
+    logger.info("wrote %d toy samples (%dx%d, seed %d) to %s", num, h, w, seed, root)
+    return summary
