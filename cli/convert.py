@@ -1,0 +1,139 @@
+"""``l2i-convert``: inspect weight files, convert ControlNets between layouts, import the official ALDM release.
+
+Examples::
+
+    l2i-convert inspect my_controlnet.safetensors
+    l2i-convert controlnet --to ldm my_controlnet/ my_controlnet_ldm.safetensors --half
+    l2i-convert controlnet --to diffusers-folder control_v11p_sd15_seg.pth my_folder/
+    l2i-convert import-aldm ade20k_step9.ckpt aldm_ade20k.safetensors --label-set ade20k \\
+        --class-embeddings ade20k_class_embeddings.pth --null-embedding null_embedding.pth
+
+Targets of ``controlnet --to``: ``diffusers`` (one diffusers-layout safetensors: ComfyUI, Forge, diffusers
+``from_single_file``), ``diffusers-folder`` (``config.json`` + weights: ``from_pretrained``), ``ldm`` (the original
+``control_model.*`` layout: every UI). ALDM-native ControlNets convert too but load only in layout2image.
+
+Exit codes: 0 success, 1 the input is unreadable, unsafe or of an unknown format (the message says which and
+lists the known formats), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# torch, diffusers and the weights package are imported when a command runs, so `--help` answers at once.
+# Equal to layout2image.weights._TARGETS (checked by the tests).
+_TARGETS = ("diffusers", "diffusers-folder", "ldm")
+_DTYPES = ("fp16", "fp32", "keep")
+
+
+def _dtype(args):
+    import torch
+
+    name = "fp16" if args.half else args.dtype
+    return {"keep": None, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def _check_output(parser: argparse.ArgumentParser, args, source: Path, output: Path) -> None:
+    if output.resolve() == source.resolve():
+        parser.error(f"OUT {str(output)!r} is the input file; write to another path")
+    if output.exists() and not args.overwrite:
+        parser.error(f"OUT {str(output)!r} exists; pass --overwrite to replace it")
+    if args.half and args.dtype != "keep":
+        parser.error("--half and --dtype both set the precision; pass only one")
+
+
+def cmd_inspect(args) -> int:
+    from ..weights import inspect_weights
+
+    print(inspect_weights(args.file).to_text())
+    return 0
+
+
+def cmd_controlnet(args) -> int:
+    from ..weights import convert_controlnet_file
+
+    written = convert_controlnet_file(args.input, args.output, to=args.to, dtype=_dtype(args))
+    print(f"wrote {written} ({args.to})")
+    return 0
+
+
+def cmd_import_aldm(args) -> int:
+    from ..weights import import_aldm_checkpoint
+
+    result = import_aldm_checkpoint(
+        args.checkpoint,
+        args.output,
+        label_set=args.label_set,
+        class_embeddings=args.class_embeddings,
+        null_embedding=args.null_embedding,
+        table_output=args.table_out,
+        base_model=args.base_model,
+        to=args.layout,
+        dtype=_dtype(args),
+    )
+    print(f"wrote {result.controlnet_path} (ALDM-native ControlNet, {result.num_tensors} tensors)")
+    print(f"wrote {result.table_path} (class-embedding table)")
+    return 0
+
+
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--half", action="store_true", help="write float16 tensors (same as --dtype fp16)")
+    p.add_argument("--dtype", choices=_DTYPES, default="keep", help="tensor precision (default: keep)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="l2i-convert",
+        description="Inspect and convert layout2image weight files.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Exit codes: 0 ok, 1 bad or unknown input file, 2 bad arguments.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="say what a weight file or diffusers folder is and what loads it")
+    p.add_argument("file", type=Path, help="a .safetensors/.ckpt/.pt/.pth file or a diffusers folder")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("controlnet", help="convert a ControlNet between the diffusers and ldm layouts")
+    p.add_argument("--to", required=True, choices=_TARGETS, help="output layout")
+    p.add_argument("input", type=Path, help="ControlNet file (any known layout) or diffusers folder")
+    p.add_argument("output", type=Path, help="output file (a folder for --to diffusers-folder)")
+    _add_precision(p)
+    p.set_defaults(func=cmd_controlnet)
+
+    p = sub.add_parser("import-aldm", help="import an official ALDM .ckpt and its class-embedding files")
+    p.add_argument("checkpoint", type=Path, help="the official Lightning .ckpt (read through a memory map)")
+    p.add_argument("output", type=Path, help="the ALDM-native ControlNet file to write")
+    p.add_argument("--label-set", required=True, help="built-in label set name or a label-set YAML/JSON file")
+    p.add_argument("--class-embeddings", required=True, type=Path, help="official (N, D) class-embedding .pth")
+    p.add_argument("--null-embedding", required=True, type=Path, help="official (1, D) null-embedding .pth")
+    p.add_argument("--table-out", type=Path, help="where the table goes (default: OUT with .table.safetensors)")
+    p.add_argument("--base-model", default="runwayml/stable-diffusion-v1-5", help="recorded in the metadata")
+    p.add_argument("--layout", choices=_TARGETS, default="diffusers", help="ControlNet key layout")
+    _add_precision(p)
+    p.set_defaults(func=cmd_import_aldm)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "controlnet":
+        _check_output(parser, args, args.input, args.output)
+    elif args.command == "import-aldm":
+        _check_output(parser, args, args.checkpoint, args.output)
+    from ..core.errors import LabelSetError
+    from ..weights import WeightsError
+
+    try:
+        return args.func(args)
+    except (WeightsError, LabelSetError) as e:
+        print(f"l2i-convert: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

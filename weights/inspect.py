@@ -1,0 +1,278 @@
+"""What a weight file is: its container, kind, key summary, our metadata, and which tools will load it.
+
+`inspect_weights` reads headers only where it can (safetensors headers; torch files through a memory map, whose
+tensor data is never touched), so inspecting a 5.7 GB checkpoint is quick and costs no RAM. The kind comes from
+our ``l2i.*`` metadata when present and otherwise from key signatures (`detect_controlnet_format`), never from the
+file name.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .controlnet import LDM_PREFIX, ControlNetFormat, UnknownFormatError, detect_controlnet_format
+from .metadata import WeightsMetadata, describe_label_set, has_l2i_metadata
+from .safe_load import TensorInfo, WeightsFileError, load_torch_file, read_safetensors_header, sniff_file_format
+
+__all__ = ["KNOWN_KINDS", "FileReport", "inspect_weights"]
+
+#: What `inspect_weights` can name (``FileReport.kind``).
+KNOWN_KINDS = (
+    "class_embedding_table",
+    "controlnet",
+    "controlnet_checkpoint",
+    "lora",
+    "sdm",
+    "spade",
+    "tensor",
+    "unknown",
+)
+
+_LAYOUT2IMAGE = "layout2image (weights.controlnet_from_file, core.controlnet.load_controlnet, the L2I ComfyUI nodes)"
+
+
+@dataclass(frozen=True)
+class FileReport:
+    """What `inspect_weights` found.
+
+    Args:
+        path (`Path`): the file or folder.
+        container (`str`): ``"safetensors"``, ``"torch-zip"``, ``"torch-legacy"`` or ``"diffusers-folder"``.
+        kind (`str`): one of `KNOWN_KINDS`.
+        summary (`str`): one line saying what the file is.
+        num_tensors (`int`): tensors in the file (in the state dict, for Lightning checkpoints).
+        num_parameters (`int`): their total element count.
+        dtypes (`dict[str, int]`): dtype -> number of tensors.
+        key_groups (`dict[str, int]`): module path cut to two components -> number of tensors.
+        metadata (`WeightsMetadata`, *optional*): our metadata, None when the file has none.
+        raw_metadata (`dict[str, str]`): the whole safetensors ``__metadata__`` table.
+        loaders (`tuple[str, ...]`): tools that load the file as it is.
+        notes (`tuple[str, ...]`): anything else worth knowing (how to convert it, what stock loaders do with it).
+        controlnet_format (`ControlNetFormat`, *optional*): for ControlNets, the detected format.
+    """
+
+    path: Path
+    container: str
+    kind: str
+    summary: str
+    num_tensors: int = 0
+    num_parameters: int = 0
+    dtypes: dict[str, int] = field(default_factory=dict)
+    key_groups: dict[str, int] = field(default_factory=dict)
+    metadata: WeightsMetadata | None = None
+    raw_metadata: dict[str, str] = field(default_factory=dict)
+    loaders: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    controlnet_format: ControlNetFormat | None = None
+
+    def to_text(self) -> str:
+        """A multi-line report for people (what ``l2i-convert inspect`` prints)."""
+        lines = [
+            f"file:       {self.path}",
+            f"container:  {self.container}",
+            f"kind:       {self.kind}",
+            f"what:       {self.summary}",
+            f"tensors:    {self.num_tensors} ({self.num_parameters:,} values; "
+            + ", ".join(f"{d}: {n}" for d, n in sorted(self.dtypes.items()))
+            + ")",
+        ]
+        if self.key_groups:
+            lines.append("keys:")
+            groups = sorted(self.key_groups.items(), key=lambda kv: (-kv[1], kv[0]))
+            lines += [f"  {g}.*  ({n})" for g, n in groups[:16]]
+            if len(groups) > 16:
+                lines.append(f"  ... {len(groups) - 16} more groups")
+        md = self.metadata
+        if md is not None:
+            lines.append("metadata:")
+            lines.append(f"  format version:  {md.format_version}")
+            lines.append(f"  kind:            {md.kind}")
+            lines.append(f"  hint encoding:   {md.hint_encoding}")
+            lines.append(f"  label set:       {describe_label_set(md.label_set) if md.label_set else '(unknown)'}")
+            if md.label_set is not None:
+                names = ", ".join(md.label_set.names[:12]) + (" ..." if md.label_set.num_classes > 12 else "")
+                lines.append(f"  classes:         {names}")
+            lines.append(f"  base model:      {md.base_model or '(unknown)'}")
+            lines.append(f"  training config: {md.training_config_hash or '(none)'}")
+            for k, v in sorted(md.extra.items()):
+                if k != "config":
+                    lines.append(f"  {k + ':':<17}{v}")
+        elif self.raw_metadata:
+            lines.append("metadata (not layout2image's):")
+            lines += [f"  {k}: {v[:100]}" for k, v in sorted(self.raw_metadata.items())]
+        else:
+            lines.append("metadata:   none")
+        lines.append("loads in:")
+        lines += [f"  - {x}" for x in self.loaders] or ["  - (no known tool)"]
+        if self.notes:
+            lines.append("notes:")
+            lines += [f"  - {x}" for x in self.notes]
+        return "\n".join(lines)
+
+
+def _groups(keys) -> dict[str, int]:
+    """Module path (without the parameter name) cut to two components -> number of tensors."""
+    out: dict[str, int] = {}
+    for k in keys:
+        parts = str(k).split(".")
+        g = ".".join(parts[:-1][:2]) or parts[0]
+        out[g] = out.get(g, 0) + 1
+    return out
+
+
+def _controlnet_loaders(fmt: ControlNetFormat, folder: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    if fmt.hint_block == "aldm":
+        return (_LAYOUT2IMAGE,), (
+            "ALDM-native ControlNet (class-embedding hint at H/4): stock loaders cannot use it. ComfyUI and "
+            "sd-webui-controlnet/Forge fail with a shape mismatch in input_hint_block; diffusers' ControlNetModel "
+            "loads it with only warnings and a random standard hint block, so always load it with layout2image",
+            "needs its class-embedding table (<name>.table.safetensors) to build hints",
+        )
+    if folder:
+        loaders = ("diffusers ControlNetModel.from_pretrained(folder)", _LAYOUT2IMAGE)
+    elif fmt.layout == "diffusers":
+        loaders = (
+            "ComfyUI 'Load ControlNet Model' (detects controlnet_cond_embedding.conv_in and converts on load)",
+            "sd-webui-controlnet / Forge (convert diffusers keys on load)",
+            "diffusers ControlNetModel.from_single_file(path, config=<a diffusers ControlNet folder>)",
+            _LAYOUT2IMAGE,
+        )
+    else:
+        loaders = (
+            "ComfyUI 'Load ControlNet Model'",
+            "sd-webui-controlnet / Forge",
+            "diffusers ControlNetModel.from_single_file(path, config=<a diffusers ControlNet folder>)",
+            _LAYOUT2IMAGE,
+        )
+    if fmt.hint_encoding == "rgb":
+        return loaders, ("standard 3-channel hint: feed the palette-RGB colour map of the label map",)
+    return loaders, (
+        f"one-hot hint with {fmt.hint_channels} channels: stock UIs load the weights but feed 3-channel images, so "
+        "only layout2image can drive it with a label map",
+    )
+
+
+def _tensor_infos(state: Mapping[str, Any]) -> dict[str, TensorInfo]:
+    return {
+        str(k): TensorInfo(str(v.dtype).replace("torch.", ""), tuple(v.shape))
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor)
+    }
+
+
+def _report(path: Path, container: str, infos: Mapping[str, TensorInfo], raw: Mapping[str, str], notes=()):
+    metadata = WeightsMetadata.from_safetensors(raw, source=str(path)) if has_l2i_metadata(raw) else None
+    dtypes: dict[str, int] = {}
+    for info in infos.values():
+        dtypes[info.dtype] = dtypes.get(info.dtype, 0) + 1
+    common = dict(
+        path=path,
+        container=container,
+        num_tensors=len(infos),
+        num_parameters=sum(math.prod(i.shape) for i in infos.values()),
+        dtypes=dtypes,
+        key_groups=_groups(infos),
+        metadata=metadata,
+        raw_metadata=dict(raw),
+    )
+    notes = list(notes)
+    folder = container == "diffusers-folder"
+    try:
+        fmt = detect_controlnet_format(infos)
+    except UnknownFormatError:
+        fmt = None
+    if fmt is not None:
+        loaders, more = _controlnet_loaders(fmt, folder)
+        summary = f"ControlNet, {fmt.description} ({fmt.hint_encoding} hint)"
+        return FileReport(kind="controlnet", summary=summary, loaders=loaders, notes=tuple(notes + list(more)),
+                          controlnet_format=fmt, **common)  # fmt: skip
+    control = {k[len(LDM_PREFIX) :]: v for k, v in infos.items() if k.startswith(LDM_PREFIX)}
+    if control and len(control) < len(infos):
+        try:
+            fmt = detect_controlnet_format(control)
+        except UnknownFormatError:
+            fmt = None
+        if fmt is not None:
+            how = (
+                "import it with: l2i-convert import-aldm CKPT OUT --label-set ... --class-embeddings ... "
+                "--null-embedding ..."
+                if fmt.hint_block == "aldm"
+                else "take its ControlNet out with: l2i-convert controlnet --to diffusers|ldm CKPT OUT"
+            )
+            summary = f"whole-model checkpoint (ControlLDM) with a ControlNet inside: {fmt.description}"
+            return FileReport(kind="controlnet_checkpoint", summary=summary, notes=tuple(notes + [how]), **common)
+    if metadata is not None:
+        summary = f"layout2image {metadata.kind} file"
+        loaders = (_LAYOUT2IMAGE,) if metadata.kind == "class_embedding_table" else ()
+        return FileReport(kind=metadata.kind, summary=summary, loaders=loaders, notes=tuple(notes), **common)
+    notes.append(
+        "no known signature: known kinds are ControlNets (diffusers or ldm layout, standard/one-hot/ALDM hint "
+        "blocks), ControlLDM checkpoints holding control_model.*, and layout2image files with l2i.* metadata"
+    )
+    return FileReport(kind="unknown", summary="unrecognised weights", notes=tuple(notes), **common)
+
+
+def inspect_weights(path: str | os.PathLike) -> FileReport:
+    """Describe a weight file or diffusers folder without loading its tensor data.
+
+    Raises:
+        WeightsFileError: missing, empty, truncated, corrupt or unsafe file.
+        MetadataError: malformed ``l2i.*`` metadata.
+    """
+    path = Path(path)
+    if path.is_dir():
+        config = path / "config.json"
+        weights = path / "diffusion_pytorch_model.safetensors"
+        if not config.is_file() or not weights.is_file():
+            raise WeightsFileError(
+                f"{str(path)!r} is a folder but not a diffusers model folder (needs config.json and "
+                "diffusion_pytorch_model.safetensors)"
+            )
+        header = read_safetensors_header(weights)
+        try:
+            class_name = json.loads(config.read_text(encoding="utf-8")).get("_class_name")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise WeightsFileError(f"cannot read {str(config)!r}: {e}") from None
+        return _report(path, "diffusers-folder", header.tensors, header.metadata, [f"config.json: {class_name}"])
+    container = sniff_file_format(path)
+    if container == "safetensors":
+        header = read_safetensors_header(path)
+        return _report(path, container, header.tensors, header.metadata)
+    obj = load_torch_file(path, mmap=True)
+    if isinstance(obj, torch.Tensor):
+        shape = tuple(obj.shape)
+        what = f"a single {str(obj.dtype).replace('torch.', '')} tensor of shape {list(shape)}"
+        notes = []
+        if obj.ndim == 2 and obj.is_floating_point():
+            kind_hint = "null embedding" if shape[0] == 1 else f"class embeddings ({shape[0]} classes)"
+            notes.append(
+                f"could be an official ALDM {kind_hint} of width {shape[1]}: pass it to l2i-convert import-aldm"
+            )
+        info = {"<tensor>": TensorInfo(str(obj.dtype).replace("torch.", ""), shape)}
+        return FileReport(
+            path=path,
+            container=container,
+            kind="tensor",
+            summary=what,
+            num_tensors=1,
+            num_parameters=math.prod(shape),
+            dtypes={info["<tensor>"].dtype: 1},
+            notes=tuple(notes),
+        )
+    if not isinstance(obj, Mapping):
+        raise WeightsFileError(f"{str(path)!r} holds a {type(obj).__name__}, not tensors or a state dict")
+    notes = []
+    state = obj
+    if isinstance(obj.get("state_dict"), Mapping):
+        state = obj["state_dict"]
+        extras = {k: v for k, v in obj.items() if k != "state_dict" and isinstance(v, (int, float, str))}
+        notes.append("Lightning checkpoint: " + ", ".join(f"{k}={v}" for k, v in sorted(extras.items())))
+    return _report(path, container, _tensor_infos(state), {}, notes)
