@@ -1,0 +1,68 @@
+"""SPADE: layout-modulated GroupNorms patched into a diffusers UNet's decoder, and the per-call layout.
+
+Typical use::
+
+    adapter = SPADEAdapter.from_unet(unet, layout_channels=C_m)
+    patch_unet(unet, adapter)                      # 28 sites for SD 1.5
+    with spade_layout(unet, layout):               # layout (B, C_m, H, W) float
+        eps = unet(latents, t, encoder_hidden_states=text).sample
+    unpatch_unet(unet)                             # original GroupNorm objects back
+"""
+
+from .adapter import SPADEAdapter
+from .context import (
+    CFG_COND_UNCOND,
+    CFG_UNCOND_COND,
+    CHUNK_KINDS,
+    SPADELayoutContext,
+    SPADELayoutError,
+    expand_layout_batch,
+)
+from .module import (
+    SPADE,
+    SPADEGroupNorm,
+    SPADEModulation,
+    dispatch_spade_wrapper,
+    resize_layout,
+    spade_group_norm,
+)
+from .patch import (
+    SPADEPatchError,
+    clear_spade_layout,
+    get_spade_adapter,
+    get_spade_context,
+    is_spade_patched,
+    patch_unet,
+    set_spade_layout,
+    spade_layout,
+    unpatch_unet,
+)
+from .sites import SPADESite, find_spade_sites, site_key
+
+__all__ = [
+    "CFG_COND_UNCOND",
+    "CFG_UNCOND_COND",
+    "CHUNK_KINDS",
+    "SPADE",
+    "SPADEAdapter",
+    "SPADEGroupNorm",
+    "SPADELayoutContext",
+    "SPADELayoutError",
+    "SPADEModulation",
+    "SPADEPatchError",
+    "SPADESite",
+    "clear_spade_layout",
+    "dispatch_spade_wrapper",
+    "expand_layout_batch",
+    "find_spade_sites",
+    "get_spade_adapter",
+    "get_spade_context",
+    "is_spade_patched",
+    "patch_unet",
+    "resize_layout",
+    "set_spade_layout",
+    "site_key",
+    "spade_group_norm",
+    "spade_layout",
+    "unpatch_unet",
+]
