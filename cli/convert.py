@@ -1,4 +1,4 @@
-"""``l2i-convert``: inspect weight files, convert ControlNets between layouts, import the official ALDM release.
+"""``l2i-convert``: inspect weight files, convert ControlNets and LoRAs, import the official ALDM release.
 
 Examples::
 
@@ -7,10 +7,17 @@ Examples::
     l2i-convert controlnet --to diffusers-folder control_v11p_sd15_seg.pth my_folder/
     l2i-convert import-aldm ade20k_step9.ckpt aldm_ade20k.safetensors --label-set ade20k \\
         --class-embeddings ade20k_class_embeddings.pth --null-embedding null_embedding.pth
+    l2i-convert lora --to kohya pytorch_lora_weights.safetensors my_lora.safetensors --alpha 32
 
 Targets of ``controlnet --to``: ``diffusers`` (one diffusers-layout safetensors: ComfyUI, Forge, diffusers
 ``from_single_file``), ``diffusers-folder`` (``config.json`` + weights: ``from_pretrained``), ``ldm`` (the original
 ``control_model.*`` layout: every UI). ALDM-native ControlNets convert too but load only in layout2image.
+
+Targets of ``lora --to``: ``kohya`` (``lora_unet_<ldm path>.lora_down/lora_up/alpha``: ComfyUI "Load LoRA", A1111/Forge
+``<lora:...>``, diffusers ``load_lora_weights``) and ``peft`` (``unet.<diffusers path>.lora_A/lora_B`` with diffusers'
+``lora_adapter_metadata``). A PEFT input needs its ``lora_alpha``: from ``--alpha``, else the file's metadata. The
+UNet layout is ``--unet-config``, else the file's ``l2i.unet_config``, else SD 1.5. A SPADE companion
+(``*.spade.safetensors``) is not a LoRA and is never converted; copy it next to the output.
 
 Exit codes: 0 success, 1 the input is unreadable, unsafe or of an unknown format (the message says which and
 lists the known formats), 2 bad arguments.
@@ -25,6 +32,8 @@ from pathlib import Path
 # torch, diffusers and the weights package are imported when a command runs, so `--help` answers at once.
 # Equal to layout2image.weights._TARGETS (checked by the tests).
 _TARGETS = ("diffusers", "diffusers-folder", "ldm")
+# Equal to layout2image.weights.LORA_FORMATS (checked by the tests).
+_LORA_TARGETS = ("kohya", "peft")
 _DTYPES = ("fp16", "fp32", "keep")
 
 
@@ -78,6 +87,34 @@ def cmd_import_aldm(args) -> int:
     return 0
 
 
+def _read_unet_config(path: Path) -> dict:
+    import json
+
+    from ..weights import WeightsFileError
+
+    file = path / "config.json" if path.is_dir() else path
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise WeightsFileError(f"--unet-config {str(path)!r}: cannot read a UNet config.json ({e})") from None
+    if not isinstance(config, dict) or "down_block_types" not in config:
+        raise WeightsFileError(f"--unet-config {str(file)!r} is not a diffusers UNet config (no down_block_types)")
+    return config
+
+
+def cmd_lora(args) -> int:
+    from ..weights import convert_lora_file
+
+    config = _read_unet_config(args.unet_config) if args.unet_config is not None else None
+    conv = convert_lora_file(
+        args.input, args.output, to=args.to, unet_config=config, alpha=args.alpha, dtype=_dtype(args)
+    )
+    ranks = "/".join(str(r) for r in sorted(set(conv.ranks.values())))
+    alphas = "/".join(f"{a:g}" for a in sorted(set(conv.alphas.values()))) or "unknown"
+    print(f"wrote {args.output} ({args.to}, {len(conv.modules)} modules, rank {ranks}, alpha {alphas})")
+    return 0
+
+
 def _add_precision(p: argparse.ArgumentParser) -> None:
     p.add_argument("--half", action="store_true", help="write float16 tensors (same as --dtype fp16)")
     p.add_argument("--dtype", choices=_DTYPES, default="keep", help="tensor precision (default: keep)")
@@ -115,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=_TARGETS, default="diffusers", help="ControlNet key layout")
     _add_precision(p)
     p.set_defaults(func=cmd_import_aldm)
+
+    p = sub.add_parser("lora", help="convert a UNet LoRA between the PEFT/diffusers and kohya namings")
+    p.add_argument("--to", required=True, choices=_LORA_TARGETS, help="output naming")
+    p.add_argument("input", type=Path, help="LoRA .safetensors (kohya or PEFT naming)")
+    p.add_argument("output", type=Path, help="output .safetensors")
+    p.add_argument("--alpha", type=float, help="lora_alpha of a PEFT input (default: from the file's metadata)")
+    p.add_argument("--unet-config", type=Path, help="base UNet config.json or diffusers UNet folder (default: SD 1.5)")
+    _add_precision(p)
+    p.set_defaults(func=cmd_lora)
     return parser
 
 
@@ -125,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
         _check_output(parser, args, args.input, args.output)
     elif args.command == "import-aldm":
         _check_output(parser, args, args.checkpoint, args.output)
+    elif args.command == "lora":
+        _check_output(parser, args, args.input, args.output)
+        if args.alpha is not None and not args.alpha > 0:
+            parser.error(f"--alpha {args.alpha}: must be a positive number")
     from ..core.errors import LabelSetError
     from ..weights import WeightsError
 

@@ -1,9 +1,12 @@
-"""File formats: ControlNet diffusers <-> ldm conversion, official ALDM import, metadata, safe loading, inspection.
+"""File formats: ControlNet diffusers <-> ldm conversion, official ALDM import, LoRA PEFT <-> kohya conversion with a
+ComfyUI/A1111 naming checker, SDM-LoRA files (LoRA + SPADE companion), metadata, safe loading, inspection.
 
 Typical use, with these names imported from this package::
 
     convert_controlnet_file("my_cn/", "my_cn.safetensors", to="ldm", dtype=torch.float16)  # for stock UIs
     model = controlnet_from_file("my_cn.safetensors", label_set=label_set)                # checks the metadata
+    save_sdm_lora(unet, "my_sdm.safetensors", label_set)       # my_sdm.safetensors + my_sdm.spade.safetensors
+    assert check_lora_file("my_sdm.safetensors").ok              # every key loads in ComfyUI and A1111
     print(inspect_weights("unknown.ckpt").to_text())
 """
 
@@ -43,6 +46,27 @@ from .controlnet import (
     save_controlnet_file,
 )
 from .inspect import KNOWN_KINDS, FileReport, inspect_weights
+from .lora import (
+    KNOWN_LORA_FORMATS,
+    KOHYA_UNET_PREFIX,
+    LORA_FORMATS,
+    LoraConversion,
+    LoraFile,
+    LoraFormatError,
+    LoraSummary,
+    convert_lora_file,
+    convert_lora_state_dict,
+    detect_lora_format,
+    kohya_module_name,
+    load_lora_file,
+    lora_alphas_of,
+    peft_adapter_metadata,
+    save_lora_file,
+    sd15_unet_config,
+    summarize_lora,
+    unet_module_map,
+)
+from .lora_check import LORA_CHECK_VERDICTS, LoraCheckReport, LoraKeyCheck, check_lora_file, check_lora_state_dict
 from .metadata import (
     FORMAT_VERSION,
     HINT_ENCODINGS,
@@ -66,6 +90,18 @@ from .safe_load import (
     read_safetensors_header,
     sniff_file_format,
 )
+from .spade_file import (
+    SPADE_ENCODINGS,
+    SPADE_SUFFIX,
+    SDMLoraFiles,
+    SPADEFile,
+    SPADESiteMismatchError,
+    load_sdm_lora,
+    load_spade_file,
+    save_sdm_lora,
+    save_spade_file,
+    spade_path_for,
+)
 
 __all__ = [
     "ALDM_BASE_MODEL",
@@ -76,7 +112,13 @@ __all__ = [
     "KINDS",
     "KNOWN_FORMATS",
     "KNOWN_KINDS",
+    "KNOWN_LORA_FORMATS",
+    "KOHYA_UNET_PREFIX",
     "LDM_PREFIX",
+    "LORA_CHECK_VERDICTS",
+    "LORA_FORMATS",
+    "SPADE_ENCODINGS",
+    "SPADE_SUFFIX",
     "ALDMImport",
     "ClassEmbeddingTable",
     "ControlNetConversion",
@@ -85,7 +127,16 @@ __all__ = [
     "FileReport",
     "KeyMismatchError",
     "LoadedSafetensors",
+    "LoraCheckReport",
+    "LoraConversion",
+    "LoraFile",
+    "LoraFormatError",
+    "LoraKeyCheck",
+    "LoraSummary",
     "MetadataError",
+    "SDMLoraFiles",
+    "SPADEFile",
+    "SPADESiteMismatchError",
     "SafetensorsHeader",
     "TensorInfo",
     "UnknownFormatError",
@@ -94,31 +145,49 @@ __all__ = [
     "WeightsFileError",
     "WeightsMetadata",
     "cast_state_dict",
+    "check_lora_file",
+    "check_lora_state_dict",
     "controlnet_config_of",
     "controlnet_from_file",
     "controlnet_key_map",
     "convert_controlnet_file",
     "convert_controlnet_state_dict",
+    "convert_lora_file",
+    "convert_lora_state_dict",
     "describe_label_set",
     "detect_controlnet_format",
+    "detect_lora_format",
     "extract_controlnet_state_dict",
     "has_l2i_metadata",
     "import_aldm_checkpoint",
     "infer_controlnet_config",
     "inspect_weights",
+    "kohya_module_name",
     "load_class_embedding_table",
     "load_companion_table",
     "load_controlnet_file",
+    "load_lora_file",
     "load_official_class_embeddings",
     "load_safetensors",
+    "load_sdm_lora",
+    "load_spade_file",
     "load_torch_file",
+    "lora_alphas_of",
+    "peft_adapter_metadata",
     "read_control_model",
     "read_safetensors_header",
     "save_class_embedding_table",
     "save_controlnet",
     "save_controlnet_file",
+    "save_lora_file",
+    "save_sdm_lora",
+    "save_spade_file",
+    "sd15_unet_config",
     "sniff_file_format",
+    "spade_path_for",
+    "summarize_lora",
     "table_fingerprint",
     "table_path_for",
     "training_config_hash",
+    "unet_module_map",
 ]

@@ -2,8 +2,10 @@
 
 `inspect_weights` reads headers only where it can (safetensors headers; torch files through a memory map, whose
 tensor data is never touched), so inspecting a 5.7 GB checkpoint is quick and costs no RAM. The kind comes from
-our ``l2i.*`` metadata when present and otherwise from key signatures (`detect_controlnet_format`), never from the
-file name.
+our ``l2i.*`` metadata when present and otherwise from key signatures (`detect_controlnet_format`,
+`detect_lora_format`, the SPADE adapter's ``sites.*.sem_*`` keys), never from the file name. For kohya LoRA files
+the ``.alpha`` scalars are read too, and the UNet keys are run through `check_lora_state_dict` (ComfyUI's and
+A1111's naming rules) when the UNet layout is known (``l2i.unet_config``, or SD 1.5 when every module fits it).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +22,17 @@ from typing import Any
 import torch
 
 from .controlnet import LDM_PREFIX, ControlNetFormat, UnknownFormatError, detect_controlnet_format
+from .lora import KOHYA_UNET_PREFIX, LoraFormatError, LoraSummary, detect_lora_format, summarize_lora
 from .metadata import WeightsMetadata, describe_label_set, has_l2i_metadata
-from .safe_load import TensorInfo, WeightsFileError, load_torch_file, read_safetensors_header, sniff_file_format
+from .safe_load import (
+    TensorInfo,
+    WeightsError,
+    WeightsFileError,
+    load_safetensors,
+    load_torch_file,
+    read_safetensors_header,
+    sniff_file_format,
+)
 
 __all__ = ["KNOWN_KINDS", "FileReport", "inspect_weights"]
 
@@ -37,6 +49,10 @@ KNOWN_KINDS = (
 )
 
 _LAYOUT2IMAGE = "layout2image (weights.controlnet_from_file, core.controlnet.load_controlnet, the L2I ComfyUI nodes)"
+_LAYOUT2IMAGE_SDM = "layout2image (weights.load_sdm_lora with its <name>.spade.safetensors companion, the L2I nodes)"
+_SPADE_KEY = re.compile(r"sites\.[^.]+\.sem_(shared|gamma|beta)\.(weight|bias)")
+_LONG_FIELDS = ("config", "unet_config")
+_KOHYA_BLOCK = re.compile(r"(lora_unet_(?:input_blocks_\d+|output_blocks_\d+|middle_block|time_embed|out))_")
 
 
 @dataclass(frozen=True)
@@ -57,6 +73,7 @@ class FileReport:
         loaders (`tuple[str, ...]`): tools that load the file as it is.
         notes (`tuple[str, ...]`): anything else worth knowing (how to convert it, what stock loaders do with it).
         controlnet_format (`ControlNetFormat`, *optional*): for ControlNets, the detected format.
+        lora_summary (`LoraSummary`, *optional*): for LoRA files, modules, ranks and alphas.
     """
 
     path: Path
@@ -72,6 +89,7 @@ class FileReport:
     loaders: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     controlnet_format: ControlNetFormat | None = None
+    lora_summary: LoraSummary | None = None
 
     def to_text(self) -> str:
         """A multi-line report for people (what ``l2i-convert inspect`` prints)."""
@@ -103,8 +121,8 @@ class FileReport:
             lines.append(f"  base model:      {md.base_model or '(unknown)'}")
             lines.append(f"  training config: {md.training_config_hash or '(none)'}")
             for k, v in sorted(md.extra.items()):
-                if k != "config":
-                    lines.append(f"  {k + ':':<17}{v}")
+                if k not in _LONG_FIELDS:
+                    lines.append(f"  {(k + ':').ljust(16)} {v if len(v) <= 100 else v[:97] + '...'}")
         elif self.raw_metadata:
             lines.append("metadata (not layout2image's):")
             lines += [f"  {k}: {v[:100]}" for k, v in sorted(self.raw_metadata.items())]
@@ -168,7 +186,93 @@ def _tensor_infos(state: Mapping[str, Any]) -> dict[str, TensorInfo]:
     }
 
 
-def _report(path: Path, container: str, infos: Mapping[str, TensorInfo], raw: Mapping[str, str], notes=()):
+def _lora_report(infos: Mapping[str, TensorInfo], raw: Mapping[str, str], metadata, alphas) -> dict[str, Any] | None:
+    """kind/summary/loaders/notes for a UNet LoRA file, or None when the keys are no LoRA."""
+    from .lora_check import check_lora_state_dict
+
+    try:
+        summary = summarize_lora(infos, alphas)
+    except LoraFormatError:
+        return None
+    notes: list[str] = []
+    if summary.other_keys:
+        notes.append(f"{summary.other_keys} key(s) are no UNet LoRA keys (text encoder or other adapter types)")
+    if summary.format == "peft":
+        notes.append(
+            "ComfyUI drops the attention keys of SD 1.x PEFT files ('lora key not loaded', Comfy-Org/ComfyUI#9753) "
+            "and A1111 reads none of them: convert with l2i-convert lora --to kohya IN OUT [--alpha A]"
+        )
+        loaders = ("diffusers pipe.load_lora_weights(path) / unet.load_lora_adapter", "PEFT set_peft_model_state_dict")
+        return dict(kind="lora", summary=summary.describe(), loaders=loaders, notes=notes, lora_summary=summary)
+    if summary.modules_without_alpha:
+        notes.append(f"{summary.modules_without_alpha} module(s) have no .alpha: loaders apply them with scale 1")
+    config = None
+    if metadata is not None and "unet_config" in metadata.extra:
+        try:
+            config = json.loads(metadata.extra["unet_config"])
+        except json.JSONDecodeError as e:
+            notes.append(f"l2i.unet_config is not valid JSON ({e}); checked against SD 1.5")
+    unet_keys = {k: v.shape for k, v in infos.items() if k.startswith(KOHYA_UNET_PREFIX)}
+    try:
+        report = check_lora_state_dict(unet_keys, config)
+    except WeightsError as e:
+        report = None
+        notes.append(f"UNet keys not checked against ComfyUI/A1111 naming: {e}")
+    loaders: list[str] = []
+    if report is not None:
+        layout = "this file's UNet config" if config is not None else "an SD 1.5 UNet"
+        if report.comfyui_ok:
+            loaders.append("ComfyUI 'Load LoRA' / 'LoraLoaderModelOnly'")
+        else:
+            notes.append(
+                f"ComfyUI ({layout}): {len(report.failing('comfyui'))} key(s) not loaded, e.g. "
+                f"{report.failing('comfyui')[0].key}"
+            )
+        if report.a1111_ok:
+            loaders.append("AUTOMATIC1111 / Forge (<lora:NAME:1> in the prompt)")
+        else:
+            notes.append(
+                f"A1111 ({layout}): {len(report.failing('a1111'))} key(s) not loaded, e.g. "
+                f"{report.failing('a1111')[0].key}"
+            )
+    loaders.append("diffusers pipe.load_lora_weights(path)")
+    if metadata is not None and "spade_file" in metadata.extra:
+        loaders.append(_LAYOUT2IMAGE_SDM)
+        notes.append(
+            f"SDM-LoRA: the SPADE part is in {metadata.extra['spade_file']}; stock loaders apply the LoRA alone "
+            "(no layout conditioning)"
+        )
+    groups: dict[str, int] = {}
+    for key in infos:  # kohya names have no dots: group by ldm block (lora_unet_input_blocks_1, ...)
+        m = _KOHYA_BLOCK.match(key)
+        group = m[1] if m else key.partition(".")[0]
+        groups[group] = groups.get(group, 0) + 1
+    return dict(
+        kind="lora",
+        summary=summary.describe(),
+        loaders=tuple(loaders),
+        notes=notes,
+        lora_summary=summary,
+        key_groups=groups,
+    )
+
+
+def _spade_report(infos: Mapping[str, TensorInfo], metadata) -> dict[str, Any] | None:
+    if not infos or not all(_SPADE_KEY.fullmatch(k) for k in infos):
+        return None
+    shared = [v.shape for k, v in infos.items() if k.endswith("sem_shared.weight")]
+    summary = f"SPADE companion of an SDM-LoRA: {len(shared)} GroupNorm sites"
+    if shared:
+        summary += f", {shared[0][1]} layout channels"
+    notes = ["stock LoRA loaders never read it; it belongs next to its LoRA file (<name>.safetensors)"]
+    if metadata is None:
+        notes.append("no layout2image metadata (sites, label set, encoding): load_spade_file will refuse it")
+    return dict(kind="spade", summary=summary, loaders=(_LAYOUT2IMAGE_SDM,), notes=notes)
+
+
+def _report(
+    path: Path, container: str, infos: Mapping[str, TensorInfo], raw: Mapping[str, str], notes=(), alphas=None
+):
     metadata = WeightsMetadata.from_safetensors(raw, source=str(path)) if has_l2i_metadata(raw) else None
     dtypes: dict[str, int] = {}
     for info in infos.values():
@@ -209,13 +313,18 @@ def _report(path: Path, container: str, infos: Mapping[str, TensorInfo], raw: Ma
             )
             summary = f"whole-model checkpoint (ControlLDM) with a ControlNet inside: {fmt.description}"
             return FileReport(kind="controlnet_checkpoint", summary=summary, notes=tuple(notes + [how]), **common)
+    for found in (_lora_report(infos, raw, metadata, alphas), _spade_report(infos, metadata)):
+        if found is not None:
+            found["notes"] = tuple(notes + list(found["notes"]))
+            return FileReport(**{**common, **found})
     if metadata is not None:
         summary = f"layout2image {metadata.kind} file"
         loaders = (_LAYOUT2IMAGE,) if metadata.kind == "class_embedding_table" else ()
         return FileReport(kind=metadata.kind, summary=summary, loaders=loaders, notes=tuple(notes), **common)
     notes.append(
         "no known signature: known kinds are ControlNets (diffusers or ldm layout, standard/one-hot/ALDM hint "
-        "blocks), ControlLDM checkpoints holding control_model.*, and layout2image files with l2i.* metadata"
+        "blocks), ControlLDM checkpoints holding control_model.*, UNet LoRAs (kohya or PEFT naming), SPADE "
+        "companions (sites.*.sem_*), and layout2image files with l2i.* metadata"
     )
     return FileReport(kind="unknown", summary="unrecognised weights", notes=tuple(notes), **common)
 
@@ -245,7 +354,14 @@ def inspect_weights(path: str | os.PathLike) -> FileReport:
     container = sniff_file_format(path)
     if container == "safetensors":
         header = read_safetensors_header(path)
-        return _report(path, container, header.tensors, header.metadata)
+        alphas = None
+        try:
+            if detect_lora_format(header.tensors) == "kohya":  # the alphas are scalars: read them
+                keys = [k for k in header.tensors if k.startswith(KOHYA_UNET_PREFIX) and k.endswith(".alpha")]
+                alphas = load_safetensors(path, keys=keys).state_dict
+        except LoraFormatError:
+            pass
+        return _report(path, container, header.tensors, header.metadata, alphas=alphas)
     obj = load_torch_file(path, mmap=True)
     if isinstance(obj, torch.Tensor):
         shape = tuple(obj.shape)
