@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-NODE_MODULES: tuple[str, ...] = ()
+NODE_MODULES: tuple[str, ...] = ("label_maps", "spade", "guidance", "alignment")
 
 
 def node_classes() -> list[type]:

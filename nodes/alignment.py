@@ -1,0 +1,224 @@
+"""Layout alignment: segment generated images and score them against the label map they were made from.
+
+The segmenter is any transformers semantic-segmentation model in a local folder (SegFormer, UperNet, or a
+discriminator saved by the trainer), loaded with ``local_files_only=True``. Its classes are matched to the label
+set by name (case, ``_``/``-`` and ``;``-separated aliases folded); only the label set's classes compete in the
+argmax, so a segmenter with more classes (ADE20K-150 for a subset) works. Scoring is ``core.metrics``.
+Per the project's rule, measure with a segmenter that is neither the discriminator nor its initialisation.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from comfy_api.latest import io
+
+from ..core.discriminator import normalize_class_name, resolve_input_norm
+from ..core.discriminator.tables import source_aliases
+from ..core.labels import LabelSet
+from ..core.metrics import MeanIoU, error_map
+from .types import LabelMap, LabelMapType
+
+__all__ = ["NODES", "L2ILayoutAlignment", "SegmenterError", "segment_to_label_set"]
+
+CATEGORY = "layout2image/evaluation"
+INPUT_NORM_OPTIONS = ("auto", "imagenet", "half")
+
+
+class SegmenterError(ValueError):
+    """The segmenter folder cannot be loaded or its classes do not cover the label set."""
+
+
+@functools.lru_cache(maxsize=2)
+def _load_segmenter(folder: str, stamp: float):
+    from transformers import AutoModelForSemanticSegmentation
+
+    try:
+        model = AutoModelForSemanticSegmentation.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise SegmenterError(
+            f"`segmenter_path` {folder!r} is not a loadable transformers segmentation model folder "
+            f"(config.json + weights, e.g. SegFormer or UperNet): {e}"
+        ) from None
+    return model.float().eval().requires_grad_(False)
+
+
+def _segmenter(path: str):
+    folder = Path((path or "").strip().strip('"')).expanduser()
+    if not str(path or "").strip():
+        raise SegmenterError("`segmenter_path` is empty; give a local transformers segmentation model folder")
+    if not (folder / "config.json").is_file():
+        raise SegmenterError(
+            f"`segmenter_path` {str(folder)!r} has no config.json; give a local transformers segmentation model "
+            "folder (save_pretrained output)"
+        )
+    return _load_segmenter(str(folder.resolve()), (folder / "config.json").stat().st_mtime), folder
+
+
+def _class_rows(model, label_set: LabelSet, where: str) -> list[int]:
+    """For each class of the label set, the segmenter output row with the same (normalised) name."""
+    id2label = getattr(model.config, "id2label", None) or {}
+    by_name: dict[str, int] = {}
+    for row, name in sorted((int(k), v) for k, v in id2label.items()):
+        for alias in source_aliases(name):
+            by_name.setdefault(alias, row)
+    rows, missing = [], []
+    for name in label_set.names:
+        row = by_name.get(normalize_class_name(name))
+        if row is None:
+            missing.append(name)
+        rows.append(row)
+    if missing:
+        known = [id2label[k] for k in sorted(id2label, key=int)][:12]
+        raise SegmenterError(
+            f"the segmenter in {where} has no class named {missing[:8]}{' ...' if len(missing) > 8 else ''} of label "
+            f"set {label_set.name!r}; its classes are {known}{' ...' if len(id2label) > 12 else ''}. Use a "
+            "segmenter trained on this label set (its config.json id2label must name the label set's classes)."
+        )
+    return rows
+
+
+def _device():
+    try:
+        import comfy.model_management as mm  # ComfyUI's device choice
+    except ImportError:
+        return torch.device("cpu")
+    return mm.get_torch_device()
+
+
+def segment_to_label_set(
+    model, images: torch.Tensor, label_set: LabelSet, size: tuple[int, int], input_norm, where: str = "the segmenter"
+) -> torch.Tensor:
+    """Predicted class ids of the label set for IMAGE batch `images` `(B, H, W, 3)`: `(B, *size)` int64 (CPU).
+
+    Logits are upsampled bilinearly to ``size`` and the argmax runs over the label set's rows only.
+    """
+    rows = _class_rows(model, label_set, where)
+    device = _device()
+    mean = torch.tensor(input_norm.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(input_norm.std, device=device).view(1, 3, 1, 1)
+    preds = []
+    model.to(device)
+    try:
+        with torch.no_grad():
+            for frame in images:  # one image at a time: segmenters at full resolution are memory hungry
+                pixels = frame[None, ..., :3].to(device=device, dtype=torch.float32).permute(0, 3, 1, 2)
+                logits = model(pixel_values=(pixels - mean) / std).logits
+                logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+                preds.append(logits[:, rows].argmax(1).cpu())
+    finally:
+        model.to("cpu")
+    return torch.cat(preds)
+
+
+def _iou_table(scores, label_set: LabelSet, target: torch.Tensor) -> str:
+    present_target = set(torch.unique(target).tolist())
+    lines = [
+        f"mIoU {scores.miou:.4f}, pixel accuracy {scores.pixel_accuracy:.4f} "
+        f"(classes in the map or the prediction; label set {label_set.name!r})",
+        f"{'id':>4}  {'IoU':>6}  class",
+    ]
+    for c, iou in enumerate(scores.per_class_iou.tolist()):
+        if math.isnan(iou):
+            continue
+        mark = "" if c in present_target else "  (not in the map)"
+        lines.append(f"{c:>4}  {iou:6.3f}  {label_set.names[c]}{mark}")
+    return "\n".join(lines)
+
+
+def _error_image(errors: torch.Tensor) -> torch.Tensor:
+    """`(B, H, W)` error map (1 wrong, 0 right, 0.5 ignore) -> IMAGE: red wrong, black right, grey ignore."""
+    wrong = (errors == 1.0).float()
+    ignore = (errors == 0.5).float() * 0.5
+    return torch.stack([wrong + ignore, ignore, ignore], dim=-1)
+
+
+class L2ILayoutAlignment(io.ComfyNode):
+    """Score how well generated images follow their label map: mIoU, per-class IoU, error heat-map."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="L2ILayoutAlignment",
+            display_name="Layout Alignment (mIoU)",
+            category=CATEGORY,
+            description=(
+                "Segment the IMAGE with a local transformers segmentation model (SegFormer/UperNet folder) and "
+                "compare with the label map: mean IoU, IoU per class, and a map of wrong pixels. The segmenter's "
+                "class names must cover the label set's."
+            ),
+            inputs=[
+                io.Image.Input("image", tooltip="Generated image(s), (B, H, W, 3) in [0, 1]."),
+                LabelMapType.Input(
+                    "label_map",
+                    tooltip="The layout the images were made from: batch 1 (shared) or one map per image.",
+                ),
+                io.String.Input(
+                    "segmenter_path",
+                    default="",
+                    tooltip=(
+                        "Local folder of a transformers semantic-segmentation model (config.json with id2label "
+                        "naming the label set's classes); loaded offline."
+                    ),
+                ),
+                io.Combo.Input(
+                    "input_norm",
+                    options=list(INPUT_NORM_OPTIONS),
+                    default="auto",
+                    tooltip=(
+                        "Pixel normalisation the segmenter expects: 'auto' reads the folder's "
+                        "preprocessor_config.json (ImageNet if absent); 'imagenet'; 'half' ((x - 0.5) / 0.5)."
+                    ),
+                ),
+            ],
+            outputs=[
+                io.Float.Output("miou", tooltip="Mean IoU over classes in the map or the prediction, 0-1."),
+                io.String.Output("per_class_iou", tooltip="IoU of each class, as a text table."),
+                io.Image.Output(
+                    "error_map", tooltip="Red where the segmentation disagrees with the map, grey on ignore."
+                ),
+            ],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, segmenter_path: str = "", **kwargs):
+        """Re-run when the segmenter folder's config or weights change on disk."""
+        folder = Path((segmenter_path or "").strip().strip('"')).expanduser()
+        try:
+            return (segmenter_path, *sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()))
+        except OSError:
+            return segmenter_path
+
+    @classmethod
+    def execute(
+        cls, image: torch.Tensor, label_map: LabelMap, segmenter_path: str, input_norm: str = "auto"
+    ) -> io.NodeOutput:
+        if input_norm not in INPUT_NORM_OPTIONS:
+            raise SegmenterError(f"`input_norm` {input_norm!r} is not known; use one of {list(INPUT_NORM_OPTIONS)}")
+        if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] < 3:
+            got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise SegmenterError(f"`image` must be a ComfyUI IMAGE (B, H, W, 3), got {got}")
+        b, labels = image.shape[0], label_map.batch_size
+        if b % labels != 0:
+            raise SegmenterError(
+                f"{b} image(s) for {labels} label maps: give one map, or one map per image (or per group of images)"
+            )
+        target = label_map.ids.repeat_interleave(b // labels, dim=0)
+        model, folder = _segmenter(segmenter_path)
+        saved = getattr(model.config, "l2i_discriminator", None)
+        norm = resolve_input_norm(input_norm, folder=folder, saved=saved if isinstance(saved, dict) else None)
+        pred = segment_to_label_set(model, image, label_map.label_set, label_map.size, norm, where=str(folder))
+        metric = MeanIoU(label_map.label_set.num_classes, label_map.ignore_index)
+        metric.update(pred, target)
+        scores = metric.compute()
+        miou = 0.0 if math.isnan(scores.miou) else float(scores.miou)
+        table = _iou_table(scores, label_map.label_set, target)
+        heat = _error_image(error_map(pred, target, label_map.ignore_index))
+        return io.NodeOutput(miou, table, heat)
+
+
+NODES = [L2ILayoutAlignment]
