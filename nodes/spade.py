@@ -57,8 +57,10 @@ __all__ = [
     "NODES",
     "NULL_LAYOUT_CONDS",
     "SPADE_KEY",
+    "SPADE_TYPE",
     "L2IApplySPADE",
     "SPADEFileError",
+    "SpadeType",
     "SpadeWeights",
     "apply_spade",
     "comfy_site_paths",
@@ -70,6 +72,9 @@ logger = get_logger(__name__)
 CATEGORY = "layout2image/sdm"
 #: Key of the wrapper, injections and additional model this node registers on a MODEL.
 SPADE_KEY = "l2i_spade"
+#: Socket type of a loaded SPADE file (`SpadeWeights`), e.g. from the SDM-LoRA loader.
+SPADE_TYPE = "L2I_SPADE"
+SpadeType = io.Custom(SPADE_TYPE)
 UNCOND_LAYOUT = ("layout", "null layout")
 #: ``transformer_options`` key: the cond-list indices (``cond_or_uncond`` values) whose chunks get the null layout.
 #: Set by the Layout CFG guider; when present it replaces the node's own ``uncond_layout`` rule.
@@ -637,7 +642,7 @@ class L2IApplySPADE(io.ComfyNode):
                     default="",
                     tooltip=(
                         "The SPADE companion file (*.spade.safetensors or an export's spade.safetensors): a path, or "
-                        "a file name in ComfyUI's loras folder."
+                        "a file name in ComfyUI's loras folder. Leave empty when the spade input is connected."
                     ),
                 ),
                 LabelMapType.Input(
@@ -678,13 +683,19 @@ class L2IApplySPADE(io.ComfyNode):
                         "SDM's classifier-free guidance)."
                     ),
                 ),
+                SpadeType.Input(
+                    "spade",
+                    optional=True,
+                    tooltip="The SPADE part loaded by 'Load SDM-LoRA'; when connected, spade_file is not read.",
+                ),
             ],
             outputs=[io.Model.Output("model", tooltip="A patched copy of the model.")],
         )
 
     @classmethod
     def fingerprint_inputs(cls, spade_file: str = "", **kwargs):
-        """Re-run when the SPADE file changes on disk (ComfyUI caches by input values otherwise)."""
+        """Re-run when the SPADE file changes on disk (ComfyUI caches by input values otherwise); a connected
+        ``spade`` input is covered by its own node's caching."""
         try:
             stat = _resolve_spade_path(spade_file).stat()
         except (OSError, SPADEFileError):
@@ -701,10 +712,18 @@ class L2IApplySPADE(io.ComfyNode):
         start_percent: float = 0.0,
         end_percent: float = 1.0,
         uncond_layout: str = "layout",
+        spade: SpadeWeights | None = None,
     ) -> io.NodeOutput:
         if uncond_layout not in UNCOND_LAYOUT:
             raise SPADEFileError(f"`uncond_layout` {uncond_layout!r} is not known; use one of {list(UNCOND_LAYOUT)}")
-        weights = load_spade_weights(_resolve_spade_path(spade_file))
+        if spade is not None:
+            if not isinstance(spade, SpadeWeights):
+                raise SPADEFileError(f"the spade input must come from 'Load SDM-LoRA', got {type(spade).__name__}")
+            if spade_file.strip():
+                logger.info("Apply SPADE: the spade input is connected; spade_file %r is not read", spade_file)
+            weights = spade
+        else:
+            weights = load_spade_weights(_resolve_spade_path(spade_file))
         patched = apply_spade(
             model,
             weights,

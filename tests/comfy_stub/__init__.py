@@ -1,5 +1,11 @@
 """A small stand-in for the ComfyUI APIs the pack's nodes touch (ComfyUI 0.8.0 signatures).
 
+Modelled: ``comfy_api.latest`` (io/ui, V3 schemas), ``comfy.model_patcher`` / ``patcher_extension`` (clones,
+wrappers, injections, weight-patch bookkeeping), ``comfy.samplers`` (CFG batching), ``comfy.ops``,
+``comfy.controlnet`` + ``comfy.cldm.cldm`` (the ControlNet object, its hint pipeline and loader),
+``comfy.lora`` / ``comfy.sd`` (LoRA key map and ``load_lora_for_models``), ``comfy.utils``,
+``comfy.model_management`` (CPU, fp32) and ``folder_paths`` (folders registered by the tests).
+
 Nothing here is imported by the pack. A test module loads this file by path and installs the stand-in for the
 duration of a fixture::
 

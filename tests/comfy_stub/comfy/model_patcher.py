@@ -75,6 +75,20 @@ class ModelPatcher:
     def is_clone(self, other) -> bool:
         return hasattr(other, "model") and self.model is other.model
 
+    def model_state_dict(self, filter_prefix=None) -> dict:
+        sd = self.model.state_dict()
+        return {k: v for k, v in sd.items() if filter_prefix is None or k.startswith(filter_prefix)}
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0) -> list:
+        """Record weight patches for keys the model has (applied by the real one at load time; not here)."""
+        model_sd = self.model.state_dict()
+        added = []
+        for key, patch in patches.items():
+            if key in model_sd:
+                added.append(key)
+                self.patches.setdefault(key, []).append((strength_patch, patch, strength_model, None, None))
+        return added
+
     def add_object_patch(self, name, obj) -> None:
         self.object_patches[name] = obj
 
