@@ -1,0 +1,145 @@
+"""The trainer's config: presets, files, dotted overrides, type checks with errors naming the key, the hash, the CLI."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from layout2image.cli.train import main as train_main
+from layout2image.trainer.config import (
+    Config,
+    ConfigError,
+    config_from_dict,
+    list_presets,
+    load_config,
+)
+from layout2image.trainer.config_io import parse_override
+
+
+def test_presets_load_and_differ_where_the_budget_differs():
+    assert {"toy", "sd15-8gb", "sd15-12gb", "sd15-24gb"} <= set(list_presets())
+    toy, p8, p12, p24 = (load_config(p) for p in ("toy", "sd15-8gb", "sd15-12gb", "sd15-24gb"))
+    assert toy.train.precision == "no" and toy.train.cpu and toy.discriminator.tiny
+    assert (toy.adversarial.num_unroll_steps, toy.adversarial.lazy_every, toy.train.steps) == (3, 2, 300)
+    assert not p8.adversarial.enabled and p8.optim.optimizer == "adamw8bit"
+    assert p12.adversarial.decode_crop == 32 and p12.optim.optimizer == "adamw8bit" and p12.train.batch_size == 1
+    assert p24.adversarial.decode_crop is None and p24.optim.optimizer == "adamw" and p24.train.batch_size == 2
+    for cfg in (p8, p12, p24):
+        assert cfg.train.precision == "bf16" and cfg.train.gradient_checkpointing
+    assert p12.adversarial.num_unroll_steps == p24.adversarial.num_unroll_steps == 9
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(
+        "toy",
+        overrides=[
+            "train.steps=100",
+            "adversarial.num_unroll_steps=2",
+            "optim.lr=3e-5",
+            "data.transform.resolution=[32, 64]",
+            "model.pretrained=123",  # a text field keeps the raw text
+            "validation.negative_prompt=blurry: low quality",
+            "model.null_layout_prob=null",
+            "train.ema=true",
+        ],
+    )
+    assert cfg.train.steps == 100 and cfg.adversarial.num_unroll_steps == 2
+    assert cfg.optim.lr == pytest.approx(3e-5) and isinstance(cfg.optim.lr, float)
+    assert cfg.data.transform.resolution == (32, 64) and cfg.data.transform.flip_prob == 0.5  # the rest kept
+    assert cfg.model.pretrained == "123" and cfg.validation.negative_prompt == "blurry: low quality"
+    assert cfg.model.null_layout_prob is None and cfg.model.layout_dropout == 0.0 and cfg.train.ema
+    assert load_config(overrides=["model.mode=sdm_lora", "model.hint=onehot"]).model.layout_dropout == 0.2
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.stepz=3", r"unknown setting 'train.stepz'; did you mean 'steps'\?"),
+        ("trian.steps=3", r"unknown setting 'trian'; did you mean 'train'\?"),
+        ("train.steps=many", r"train.steps: expected an integer, got 'many'"),
+        ("train.steps=2.5", r"train.steps: expected an integer, got 2.5"),
+        ("train.ema=3", r"train.ema: expected true or false, got 3"),
+        ("optim.betas=[0.9]", r"optim.betas: expected a list of 2 \(float, float\)"),
+        ("train.steps.x=1", r"train.steps has no sub-settings"),
+        ("data.transform.flip=1", r"unknown setting 'data.transform.flip'; did you mean 'flip_prob'\?"),
+        ("model.mode=gan", r"model.mode='gan' is not valid; use one of \['controlnet', 'sdm_lora', 't2i_adapter'\]"),
+        ("adversarial.lazy_every=0", r"invalid adversarial setting: lazy_every=0 must be >= 1"),
+        ("train.precision=fp8", r"train.precision='fp8' is not valid"),
+        ("train.steps", r"override 'train.steps' is not key=value"),
+    ],
+)
+def test_override_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("toy", overrides=[override])
+
+
+def test_cross_field_checks():
+    with pytest.raises(ConfigError, match="model.hint='rgb' is not a SPADE layout"):
+        load_config(overrides=["model.mode=sdm_lora", "model.hint=rgb"])
+    with pytest.raises(ConfigError, match="model.hint='embedding' is ControlNet/SPADE only"):
+        load_config(overrides=["model.mode=t2i_adapter", "model.hint=embedding"])
+    with pytest.raises(ConfigError, match="is the discriminator's starting point"):
+        load_config(overrides=["discriminator.pretrained=models/seg", "validation.segmenter=models/seg"])
+    with pytest.raises(ConfigError, match="model.decoder='taesd' needs model.taesd"):
+        load_config(overrides=["model.decoder=taesd"])
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        load_config("huge")
+
+
+def test_check_ready_names_what_is_missing():
+    cfg = load_config("sd15-12gb")
+    with pytest.raises(ConfigError, match="model.pretrained is not set"):
+        cfg.check_ready()
+    cfg = load_config("sd15-12gb", overrides=["model.pretrained=x", "data.root=d", "train.output_dir=o"])
+    with pytest.raises(ConfigError, match="needs a discriminator: set discriminator.pretrained"):
+        cfg.check_ready()
+
+
+def test_files_merge_and_the_resolved_config_round_trips(tmp_path):
+    (tmp_path / "a.yaml").write_text("train:\n  steps: 7\n  batch_size: 3\nmodel:\n  hint: onehot\n")
+    (tmp_path / "b.toml").write_text("[train]\nsteps = 9\n[adversarial]\nnum_unroll_steps = 1\n")
+    cfg = load_config("toy", files=[tmp_path / "a.yaml", tmp_path / "b.toml"], overrides=["train.seed=5"])
+    assert (cfg.train.steps, cfg.train.batch_size, cfg.train.seed) == (9, 3, 5)
+    assert cfg.model.hint == "onehot" and cfg.adversarial.num_unroll_steps == 1
+    cfg.save(tmp_path / "config.yaml")
+    again = load_config(files=[tmp_path / "config.yaml"])
+    assert again == cfg and again.hash() == cfg.hash() and len(cfg.hash()) == 16
+    # The run folder, resume and workers do not change the hash; a training setting does.
+    moved = load_config(
+        files=[tmp_path / "config.yaml"], overrides=["train.output_dir=elsewhere", "train.num_workers=7"]
+    )
+    assert moved.hash() == cfg.hash()
+    assert load_config(files=[tmp_path / "config.yaml"], overrides=["optim.lr=1"]).hash() != cfg.hash()
+    (tmp_path / "bad.yaml").write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        load_config(files=[tmp_path / "bad.yaml"])
+    with pytest.raises(ConfigError, match="unknown setting 'train.bogus'"):
+        config_from_dict({"train": {"bogus": 1}})
+
+
+def test_defaults_build_and_dump():
+    cfg = Config()
+    data = yaml.safe_load(cfg.to_yaml())
+    assert list(data) == ["model", "data", "adversarial", "discriminator", "optim", "train", "validation", "export"]
+    assert data["model"]["hint_block_out_channels"] == [768, 512, 256, 256]
+    assert parse_override(Config, "model.sdm_lora.layout_size=[64, 64]") == (
+        ["model", "sdm_lora", "layout_size"],
+        [64, 64],
+    )
+
+
+def test_cli_print_config_and_bad_set(capsys):
+    assert (
+        train_main(["--preset", "toy", "--data", "d", "--output", "o", "--set", "train.steps=5", "--print-config"])
+        == 0
+    )
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["steps"] == 5 and printed["data"]["root"] == "d" and printed["train"]["output_dir"] == "o"
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--preset", "toy", "--set", "train.stepz=5", "--print-config"])
+    assert exit_info.value.code == 2
+    assert "unknown setting 'train.stepz'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--preset", "toy", "--output", "o"])  # no model, no data
+    assert exit_info.value.code == 2
+    assert "model.pretrained is not set" in capsys.readouterr().err

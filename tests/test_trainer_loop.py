@@ -1,0 +1,319 @@
+"""The training loop on tiny models: one adversarial step per mode, exports that load back, exact resume, the NaN
+guard, checkpoint pruning, the data order and the optimizers.
+
+The tiny world (written once per session): a diffusers folder with a UNet of (32, 64) blocks, a 2x VAE, a CLIP text
+model of width 16 with a 54-token tokenizer, the SD 1.5 scheduler config; an 8-sample toy dataset at 32x32; and an
+evaluation segmenter (random tiny SegFormer saved as a discriminator folder).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from layout2image.core.labels import load_label_set
+from layout2image.trainer.build import build_generator_optimizer, is_bitsandbytes_available
+from layout2image.trainer.checkpoint import list_checkpoints, prune_checkpoints
+from layout2image.trainer.config import OptimConfig, load_config
+from layout2image.trainer.loop import ResumableBatchSampler, Trainer
+
+TINY_UNET = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    sample_size=16,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=16,
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
+TINY_VAE = dict(
+    block_out_channels=(8, 16),
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    latent_channels=4,
+    norm_num_groups=4,
+    layers_per_block=1,
+    sample_size=32,
+)
+
+
+def _write_tiny_sd(folder: Path) -> None:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from layout2image.trainer.models import SD15_CONFIG_DIR
+
+    torch.manual_seed(0)
+    UNet2DConditionModel(**TINY_UNET).save_pretrained(folder / "unet")
+    AutoencoderKL(**TINY_VAE).save_pretrained(folder / "vae")
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in "abcdefghijklmnopqrstuvwxyz":
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    text = CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                          num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)  # fmt: skip
+    CLIPTextModel(text).save_pretrained(folder / "text_encoder")
+    shutil.copy(SD15_CONFIG_DIR / "model_index.json", folder / "model_index.json")
+    shutil.copytree(SD15_CONFIG_DIR / "scheduler", folder / "scheduler")
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> Path:
+    from layout2image.core.discriminator import build_discriminator, tiny_segmenter_config
+    from layout2image.core.toy import write_dataset
+
+    root = tmp_path_factory.mktemp("tiny_world")
+    _write_tiny_sd(root / "sd")
+    write_dataset(root / "data", 8, size=32, preview_rows=0)
+    label_set = load_label_set(root / "data" / "labelset.yaml")
+    segmenter = build_discriminator(
+        label_set, config=tiny_segmenter_config(), generator=torch.Generator().manual_seed(9)
+    )
+    segmenter.save_pretrained(root / "segmenter")
+    return root
+
+
+def _config(world: Path, out: Path, *overrides: str):
+    base = [
+        f"model.pretrained={world / 'sd'}",
+        f"data.root={world / 'data'}",
+        f"train.output_dir={out}",
+        "data.transform.resolution=32",
+        "model.hint_block_out_channels=[8, 8, 8, 8]",
+        "model.sdm_lora.rank=4",
+        "model.sdm_lora.lora_alpha=4",
+        "model.sdm_lora.spade_hidden_channels=8",
+        "train.batch_size=2",
+        "train.num_workers=0",
+        "train.checkpoint_every=0",
+        "adversarial.lazy_every=1",
+        "adversarial.num_unroll_steps=1",
+        "adversarial.warmup_start=0",
+        "adversarial.warmup_end=0",
+        "validation.every=0",
+        "validation.at_end=false",
+        "validation.num_images=2",
+        "validation.num_steps=2",
+    ]
+    return load_config("toy", overrides=base + list(overrides))
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _header(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()
+
+
+MODES = [
+    ("controlnet", "rgb"),
+    ("controlnet", "onehot"),
+    ("controlnet", "embedding"),
+    ("sdm_lora", "onehot"),
+    ("t2i_adapter", "rgb"),
+]
+
+
+@pytest.mark.parametrize("mode, hint", MODES, ids=[f"{m}-{h}" for m, h in MODES])
+def test_one_adversarial_step_per_mode_changes_only_trainable_weights_and_exports(tiny_world, tmp_path, mode, hint):
+    extra = [f"model.mode={mode}", f"model.hint={hint}", "train.steps=1"]
+    validate = (mode, hint) == ("controlnet", "embedding")
+    if validate:
+        extra += ["validation.at_end=true", f"validation.segmenter={tiny_world / 'segmenter'}"]
+    trainer = Trainer(_config(tiny_world, tmp_path / "run", *extra))
+    models = trainer.models
+    trainable = {id(p) for p in models.parameters}
+    frozen_before = {
+        name: {k: v.detach().clone() for k, v in module.named_parameters() if id(v) not in trainable}
+        for name, module in models.frozen_modules().items()
+    }
+    trainable_before = models.trainable_state_dict()
+    d_before = _snapshot(models.discriminator)
+
+    result = trainer.run()
+
+    (outcome,) = result.history
+    assert outcome.adversarial and not outcome.skipped and result.skipped_steps == 0
+    assert {"loss", "loss_noise", "loss_adv", "d_loss"} <= set(outcome.terms)
+    assert all(torch.isfinite(torch.tensor(v)) for v in outcome.terms.values())
+    for name, params in frozen_before.items():
+        now = dict(models.frozen_modules()[name].named_parameters())
+        changed = [k for k, v in params.items() if not torch.equal(now[k], v)]
+        assert not changed, f"frozen {name} weights changed: {changed[:3]}"
+    after = models.trainable_state_dict()
+    assert any(not torch.equal(after[k], v) for k, v in trainable_before.items()), "no trainable weight moved"
+    assert any(not torch.equal(models.discriminator.state_dict()[k], v) for k, v in d_before.items())
+    assert all(p.dtype == torch.float32 for p in models.parameters)
+
+    # Exports load back with the weights that were trained.
+    export = tmp_path / "run" / "export"
+    assert result.export is not None and result.export.folder == export
+    manifest = json.loads((export / "manifest.json").read_text())
+    assert (
+        manifest["mode"] == mode and manifest["training_config_hash"] == trainer.config_hash and manifest["step"] == 1
+    )
+    if mode == "controlnet":
+        from layout2image.core.controlnet import load_controlnet
+        from layout2image.weights import controlnet_from_file
+
+        loaded = load_controlnet(export / "controlnet")
+        single = controlnet_from_file(export / "controlnet.safetensors", label_set=models.label_set)
+        for model in (loaded, single):
+            state = model.state_dict()
+            assert all(torch.equal(state[k], after[k]) for k in after)
+        meta = _header(export / "controlnet.safetensors")
+        assert meta["l2i.kind"] == "controlnet" and meta["l2i.hint_encoding"] == hint
+        assert meta["l2i.training_config_hash"] == trainer.config_hash
+        assert meta["l2i.label_set_fingerprint"] == models.label_set.fingerprint()
+        if hint == "embedding":
+            from layout2image.weights import load_class_embedding_table
+
+            table = load_class_embedding_table(export / "controlnet.table.safetensors", models.label_set).table
+            assert torch.equal(table, models.table) and meta["l2i.table_file"] == "controlnet.table.safetensors"
+    elif mode == "sdm_lora":
+        from diffusers import UNet2DConditionModel
+
+        from layout2image.core.sdm_lora import add_sdm_lora, load_sdm_lora_state_dicts
+        from layout2image.trainer.export import load_sdm_lora_export
+
+        unet = UNet2DConditionModel.from_pretrained(tiny_world / "sd", subfolder="unet")
+        add_sdm_lora(unet, models.sdm_lora_config)
+        load_sdm_lora_state_dicts(unet, load_sdm_lora_export(export))
+        state = dict(unet.named_parameters())
+        assert all(torch.equal(state[k], after[k]) for k in after)
+        assert _header(export / "lora.safetensors")["l2i.kind"] == "lora"
+        assert _header(export / "spade.safetensors")["l2i.kind"] == "spade"
+        assert all(k.startswith("unet.") for k in load_file(export / "lora.safetensors"))
+    else:
+        from diffusers import T2IAdapter
+
+        adapter = T2IAdapter.from_pretrained(export / "t2i_adapter")
+        assert all(torch.equal(adapter.state_dict()[k], after[k]) for k in after)
+    assert (export / "discriminator" / "config.json").is_file()
+    if validate:
+        (val,) = result.validations
+        assert (val.folder / "grid.png").is_file() and val.folder.name == "step_000001"
+        metrics = json.loads((val.folder / "metrics.json").read_text())
+        assert 0.0 <= metrics["miou"] <= 1.0 and metrics["seeds"] == [1234, 1411]
+        assert val.grid.shape[1] > 3 * 32  # layout | sample | prediction (+ legend)
+
+
+def test_resume_gives_the_same_next_steps_as_an_uninterrupted_run(tiny_world, tmp_path):
+    settings = (
+        "train.steps=4",
+        "train.checkpoint_every=2",
+        "train.keep_last=1",
+        "train.gradient_accumulation_steps=2",  # 8 samples / batch 2 = 4 batches an epoch: crosses epochs
+        "train.ema=true",
+        "adversarial.lazy_every=2",
+        "model.null_layout_prob=0.5",
+        "train.export_on_checkpoint=false",
+    )
+    full = Trainer(_config(tiny_world, tmp_path / "full", *settings)).run()
+    assert [h.step for h in full.history] == [0, 1, 2, 3]
+    # keep_last=1: only the final checkpoint is left, and `latest` names it.
+    checkpoints = tmp_path / "full" / "checkpoints"
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["step_000004"]
+    assert (checkpoints / "latest").read_text().strip() == "step_000004"
+    assert not list(checkpoints.glob(".tmp-*"))
+
+    interrupted = Trainer(_config(tiny_world, tmp_path / "split", *settings)).run(stop_at=2)
+    assert interrupted.steps_done == 2 and interrupted.export is None
+    resumed = Trainer(_config(tiny_world, tmp_path / "split", *settings, "train.resume=latest"))
+    assert resumed.step == 2 and resumed.position == (1, 0)
+    rest = resumed.run()
+    assert [h.step for h in rest.history] == [2, 3]
+    for a, b in zip(full.history[2:], rest.history):
+        assert a.adversarial == b.adversarial
+        for key in a.terms:
+            assert b.terms[key] == pytest.approx(a.terms[key], abs=1e-6), f"step {a.step} {key}"
+    final_a = load_file(checkpoints / "step_000004" / "trainable.safetensors")
+    final_b = load_file(tmp_path / "split" / "checkpoints" / "step_000004" / "trainable.safetensors")
+    assert max(float((final_a[k] - final_b[k]).abs().max()) for k in final_a) <= 1e-6
+    for stem in ("ema", "discriminator"):
+        a = load_file(checkpoints / "step_000004" / f"{stem}.safetensors")
+        b = load_file(tmp_path / "split" / "checkpoints" / "step_000004" / f"{stem}.safetensors")
+        assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a), stem
+
+
+def test_nan_guard_skips_and_counts_the_step(tiny_world, tmp_path):
+    trainer = Trainer(_config(tiny_world, tmp_path / "run", "model.hint=rgb", "train.steps=3"))
+    trainer.train_step()
+    before = trainer.models.trainable_state_dict()
+    d_before = _snapshot(trainer.models.discriminator)
+    encode = trainer.encode
+
+    def poisoned(batch, generator):
+        encoded = encode(batch, generator)
+        encoded.latents[0, 0, 0, 0] = float("nan")
+        return encoded
+
+    trainer.encode = poisoned
+    outcome = trainer.train_step()
+    assert outcome.skipped and outcome.d_skipped and trainer.skipped_steps == 1 and trainer.step == 2
+    after = trainer.models.trainable_state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert all(torch.equal(trainer.models.discriminator.state_dict()[k], v) for k, v in d_before.items())
+    trainer.encode = encode
+    assert not trainer.train_step().skipped and trainer.skipped_steps == 1
+
+
+def test_sampler_order_is_seeded_per_epoch_and_resumable():
+    sampler = ResumableBatchSampler(10, 3, seed=1)
+    assert sampler.batches_per_epoch == 3
+    stream = iter(sampler)
+    first = [next(stream) for _ in range(7)]
+    assert [b[0][1] for b in first] == [0, 0, 0, 1, 1, 1, 2]
+    assert sorted(i for b in first[:3] for i, _ in b) != list(range(9))  # shuffled, one sample dropped per epoch
+    assert sampler.advance(0, 2) == (1, 0) and sampler.advance(1, 1, 4) == (2, 2)
+    later = iter(ResumableBatchSampler(10, 3, seed=1, epoch=1, batch=1))
+    assert [next(later) for _ in range(3)] == first[4:7]
+    ranks = [next(iter(ResumableBatchSampler(10, 2, seed=1, num_replicas=2, rank=r))) for r in (0, 1)]
+    assert not {i for i, _ in ranks[0]} & {i for i, _ in ranks[1]}
+    with pytest.raises(ValueError, match="more than the 4 training samples"):
+        ResumableBatchSampler(4, 3, seed=0, num_replicas=2)
+
+
+def test_prune_keeps_the_newest_and_latest(tmp_path):
+    for step in (2, 4, 6, 8):
+        folder = tmp_path / f"step_{step:06d}"
+        folder.mkdir()
+        (folder / "state.json").write_text("{}")
+    (tmp_path / "step_000010").mkdir()  # incomplete: no state.json, never listed
+    (tmp_path / "latest").write_text("step_000004\n")
+    deleted = prune_checkpoints(tmp_path, 2)
+    assert sorted(p.name for p in deleted) == ["step_000002"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000004", "step_000006", "step_000008"]
+
+
+def test_generator_optimizers():
+    params = [torch.nn.Parameter(torch.randn(64, 32))]
+    params[0].grad = torch.ones_like(params[0])
+    adamw = build_generator_optimizer(params, OptimConfig(lr=1e-3))
+    assert isinstance(adamw, torch.optim.AdamW)
+    if is_bitsandbytes_available():
+        before = params[0].detach().clone()
+        opt = build_generator_optimizer(params, OptimConfig(optimizer="adamw8bit", lr=1e-3))
+        opt.step()
+        assert type(opt).__name__ == "AdamW8bit" and not torch.equal(before, params[0])
+
+
+def test_missing_bitsandbytes_gives_a_pip_hint(monkeypatch):
+    import layout2image.trainer.build as build
+
+    monkeypatch.setattr(build, "is_bitsandbytes_available", lambda: False)
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        build.build_generator_optimizer([torch.nn.Parameter(torch.zeros(2))], OptimConfig(optimizer="adamw8bit"))

@@ -1,0 +1,575 @@
+"""The training loop: accelerate, per-step seeding, D and G updates, NaN guard, EMA, logging, checkpoints, resume.
+
+One optimizer step ``s`` (0-based; ``train.gradient_accumulation_steps`` = A batches):
+
+1. Seed: the global torch RNG and one fresh CPU ``torch.Generator`` per sub-step are seeded from
+   ``(train.seed, s, sub-step, batch)``, so a run resumed at ``s`` draws exactly what an uninterrupted one draws
+   (no RNG state is saved).
+2. Read A batches (the data order is a permutation per ``(seed, epoch)``; the position is saved) and encode them
+   without grad: VAE latents (a posterior sample, or the cached posterior mean) and prompt embeddings.
+3. If `LayoutDiffusionStep.is_adversarial_step` (every ``adversarial.lazy_every`` steps): ``discriminator_step`` on
+   every batch (each backward scaled by 1/A), clip, step D's AdamW and its OneCycle schedule.
+4. ``generator_step`` on every batch, clip, step the adapter's optimizer and LR schedule, update the EMA.
+5. A non-finite loss or gradient norm skips that update (the gradients are dropped) and is counted.
+
+Mixed precision runs through ``accelerator.autocast()``; with fp16, accelerate's grad scaler is used by both
+optimizers. Several processes (``accelerate launch``) each read their share of every global batch; gradients are
+averaged with an all-reduce before clipping (no DDP wrapper, so the step code sees the bare modules).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from ..core.logging import get_logger
+from ..core.sampling import encode_prompts
+from .build import (
+    ParameterEMA,
+    TrainingModels,
+    build_discriminator_optimizer,
+    build_generator_optimizer,
+    build_lr_schedule,
+    build_training_models,
+    count_discriminator_updates,
+    is_tensorboard_available,
+)
+from .checkpoint import CheckpointState, load_checkpoint_files, resolve_resume, save_checkpoint
+from .config import Config, ConfigError
+from .data import EncodingCache, build_dataset, collate
+from .export import ExportResult, export_models
+from .step import LayoutDiffusionStep, encode_images
+
+__all__ = ["EncodedBatch", "ResumableBatchSampler", "StepOutcome", "TrainResult", "Trainer", "step_seed", "train"]
+
+logger = get_logger(__name__)
+
+# Sub-step streams of `step_seed`.
+_GLOBAL, _ENCODE, _DISC, _GEN, _INIT = 0, 1, 2, 3, 4
+
+
+def step_seed(seed: int, step: int, stream: int, index: int = 0) -> int:
+    """A 63-bit seed for one sub-step, independent across (seed, step, stream, index)."""
+    state = np.random.SeedSequence([seed, step, stream, index]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & (2**63 - 1)
+
+
+def _generator(seed: int, step: int, stream: int, index: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(step_seed(seed, step, stream, index))
+
+
+class ResumableBatchSampler(Sampler):
+    """Endless batches of ``(index, epoch)`` pairs: a fresh permutation per ``(seed, epoch)``, resumable anywhere.
+
+    Each process takes its slice of every global batch of ``batch_size × num_replicas`` samples; the last
+    incomplete global batch of an epoch is dropped.
+
+    Args:
+        size (`int`): dataset length.
+        batch_size (`int`): samples per batch per process.
+        seed (`int`): the order's seed.
+        num_replicas (`int`), rank (`int`): processes and this one's index.
+        epoch (`int`), batch (`int`): the position of the first batch to yield (resume).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        batch_size: int,
+        seed: int,
+        *,
+        num_replicas: int = 1,
+        rank: int = 0,
+        epoch: int = 0,
+        batch: int = 0,
+    ) -> None:
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.num_replicas, self.rank = num_replicas, rank
+        self.batches_per_epoch = size // (batch_size * num_replicas)
+        if self.batches_per_epoch < 1:
+            raise ConfigError(
+                f"train.batch_size={batch_size} x {num_replicas} process(es) is more than the {size} training samples; "
+                "lower the batch size or add data"
+            )
+        self.epoch, self.batch = epoch, batch
+
+    def order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(step_seed(self.seed, epoch, 99))
+        return torch.randperm(self.size, generator=g).tolist()
+
+    def __iter__(self):
+        epoch, start = self.epoch, self.batch
+        global_batch = self.batch_size * self.num_replicas
+        while True:
+            order = self.order(epoch)
+            for b in range(start, self.batches_per_epoch):
+                chunk = order[b * global_batch : (b + 1) * global_batch]
+                mine = chunk[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+                yield [(i, epoch) for i in mine]
+            epoch, start = epoch + 1, 0
+
+    def advance(self, epoch: int, batch: int, count: int = 1) -> tuple[int, int]:
+        """The position ``count`` batches after ``(epoch, batch)``."""
+        total = epoch * self.batches_per_epoch + batch + count
+        return divmod(total, self.batches_per_epoch)
+
+
+@dataclass
+class EncodedBatch:
+    """One encoded batch: latents `(B, 4, h, w)` float32, labels `(B, H, W)` int64, text `(B, T, D)`."""
+
+    latents: torch.Tensor
+    labels: torch.Tensor
+    text: torch.Tensor
+
+
+@dataclass
+class StepOutcome:
+    """One optimizer step: its index, mean loss terms over the batches, and what the NaN guard skipped."""
+
+    step: int
+    terms: dict[str, float]
+    skipped: bool = False
+    d_skipped: bool = False
+    adversarial: bool = False
+    lr: float = 0.0
+
+
+@dataclass
+class TrainResult:
+    """What `Trainer.run` did."""
+
+    steps_done: int
+    skipped_steps: int
+    history: list[StepOutcome] = field(default_factory=list)
+    checkpoint: Path | None = None
+    export: ExportResult | None = None
+    validations: list[Any] = field(default_factory=list)
+
+
+def _mean_terms(results) -> dict[str, float]:
+    keys = {k for r in results for k in r.terms}
+    return {k: float(np.mean([r.terms[k] for r in results if k in r.terms])) for k in sorted(keys)}
+
+
+def _peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+class Trainer:
+    """A training run of ``config`` (see the module docstring); `run` trains, `train` is the one-call form.
+
+    Args:
+        config (`Config`): a complete config (`Config.check_ready` is called first, before any model loads).
+    """
+
+    def __init__(self, config: Config) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        config.check_ready()
+        self.config = config
+        t = config.train
+        self.output = Path(t.output_dir)
+        self.config_hash = config.hash()
+        use_cpu = t.cpu or not torch.cuda.is_available()
+        if use_cpu and t.precision == "fp16":
+            raise ConfigError("train.precision='fp16' needs a CUDA GPU; on the CPU use 'no' (fp32) or 'bf16'")
+        self.tensorboard = t.tensorboard and is_tensorboard_available()
+        if t.tensorboard and not self.tensorboard:
+            logger.info("TensorBoard is not installed (pip install tensorboard): no TensorBoard logs for this run")
+        self.accelerator = Accelerator(
+            mixed_precision=t.precision,
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            project_config=ProjectConfiguration(project_dir=str(self.output), logging_dir=str(self.output / "logs")),
+            log_with="tensorboard" if self.tensorboard else None,
+            cpu=use_cpu,
+        )
+        self.device = self.accelerator.device
+        if self.device.type == "cuda" and t.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if self.accelerator.is_main_process:
+            self.output.mkdir(parents=True, exist_ok=True)
+            config.save(self.output / "config.yaml")
+
+        # Data first (cheap, and its label set decides the models).
+        self.dataset = build_dataset(config.data)
+        label_set = self.dataset.label_set
+        v = config.validation
+        self.val_dataset = build_dataset(config.data, validation=True) if (v.every or v.at_end or v.at_start) else None
+
+        cache_dir = Path(t.cache_dir) if t.cache_dir else self.output / "cache"
+        # New weights (hint encoders, T2I-Adapters, the discriminator) draw from the global RNG: same seed, same init.
+        torch.manual_seed(step_seed(t.seed, 0, _INIT))
+        self.models: TrainingModels = build_training_models(config, label_set, self.device, cache_dir=cache_dir)
+        self.step_fn = LayoutDiffusionStep(
+            self.models.bundle.unet,
+            self.models.bundle.noise_scheduler,
+            self.models.conditioner,
+            config.adversarial,
+            discriminator=self.models.discriminator,
+            decoder=self.models.decoder,
+            ignore_index=label_set.ignore_index,
+        )
+        self.g_opt = self.accelerator.prepare_optimizer(
+            build_generator_optimizer(self.models.parameters, config.optim)
+        )
+        self.g_sched = build_lr_schedule(self.g_opt.optimizer, config.optim, t.steps)
+        self.d_opt = self.d_sched = None
+        if self.models.discriminator is not None:
+            d_opt, self.d_sched = build_discriminator_optimizer(
+                self.models.discriminator,
+                config.discriminator,
+                count_discriminator_updates(t.steps, config.adversarial),
+            )
+            self.d_opt = self.accelerator.prepare_optimizer(d_opt)
+        self.ema = ParameterEMA(self.models.trainable, t.ema_decay) if t.ema else None
+        self.cache = None
+        if t.cache_encodings:
+            b = self.models.bundle
+            self.cache = EncodingCache(
+                cache_dir,
+                image_encoder_id=f"{b.source}|vae|{b.scaling_factor}|{b.dtype}|mean",
+                text_encoder_id=f"{b.source}|text_encoder|{b.dtype}",
+            )
+        self.validator = None
+        if self.val_dataset is not None:
+            from .validation import Validator
+
+            self.validator = Validator(v, self.val_dataset, self.models, self.device)
+
+        self.step = 0
+        self.skipped_steps = 0
+        self.position = (0, 0)  # (epoch, batch) of the next batch
+        if t.resume:
+            self._resume(resolve_resume(t.resume, self.output))
+        self.sampler = ResumableBatchSampler(
+            len(self.dataset),
+            t.batch_size,
+            t.seed,
+            num_replicas=self.accelerator.num_processes,
+            rank=self.accelerator.process_index,
+            epoch=self.position[0],
+            batch=self.position[1],
+        )
+        self._loader = DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            collate_fn=collate,
+            num_workers=t.num_workers,
+            persistent_workers=t.num_workers > 0,
+            pin_memory=self.device.type == "cuda",
+            # Its own generator: making the iterator must not draw from the global RNG (seeded per step).
+            generator=torch.Generator().manual_seed(t.seed),
+        )
+        self._batches = None
+
+    # ------------------------------------------------------------------ resume / checkpoints
+    def _resume(self, folder: Path) -> None:
+        state, tensors, objects = load_checkpoint_files(folder)
+        if state.config_hash != self.config_hash:
+            logger.warning(
+                "resuming from %s, written with config hash %s; this config hashes to %s (settings changed)",
+                folder,
+                state.config_hash,
+                self.config_hash,
+            )
+        self.models.load_trainable_state_dict(tensors["trainable"])
+        self.g_opt.load_state_dict(objects["g_optimizer"])
+        self.g_sched.load_state_dict(objects["g_schedule"])
+        if self.models.discriminator is not None:
+            if "discriminator" not in tensors:
+                raise ValueError(f"{folder} has no discriminator weights; it was written without adversarial training")
+            self.models.discriminator.load_state_dict(tensors["discriminator"])
+            self.d_opt.load_state_dict(objects["d_optimizer"])
+            self.d_sched.load_state_dict(objects["d_schedule"])
+        if self.ema is not None:
+            if "ema" in tensors:
+                self.ema.load_state_dict(tensors["ema"], state.ema_updates)
+            else:
+                logger.warning("%s has no EMA weights; the EMA restarts from the current weights", folder)
+        if self.accelerator.scaler is not None and objects.get("scaler"):
+            self.accelerator.scaler.load_state_dict(objects["scaler"])
+        self.step, self.skipped_steps = state.step, state.skipped_steps
+        self.position = (state.epoch, state.batch)
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", folder, state.step, state.epoch, state.batch)
+
+    def save_checkpoint(self) -> Path | None:
+        """Write a checkpoint of the current state (main process; every process waits for it)."""
+        self.accelerator.wait_for_everyone()
+        path = None
+        if self.accelerator.is_main_process:
+            t = self.config.train
+            tensors = {"trainable": self.models.trainable_state_dict()}
+            objects: dict[str, Any] = {
+                "g_optimizer": self.g_opt.state_dict(),
+                "g_schedule": self.g_sched.state_dict(),
+                "scaler": self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None,
+            }
+            if self.models.discriminator is not None:
+                tensors["discriminator"] = self.models.discriminator.state_dict()
+                objects["d_optimizer"] = self.d_opt.state_dict()
+                objects["d_schedule"] = self.d_sched.state_dict()
+            if self.ema is not None:
+                tensors["ema"] = self.ema.state_dict()
+            state = CheckpointState(
+                step=self.step,
+                epoch=self.position[0],
+                batch=self.position[1],
+                skipped_steps=self.skipped_steps,
+                config_hash=self.config_hash,
+                ema_updates=self.ema.num_updates if self.ema is not None else 0,
+            )
+            extra = (lambda folder: self.export(folder / "export")) if t.export_on_checkpoint else None
+            path = save_checkpoint(
+                self.output / "checkpoints", state, tensors, objects, write_extra=extra, keep_last=t.keep_last
+            )
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def export(self, folder: Path) -> ExportResult:
+        """Write the export files (with the EMA weights swapped in when ``export.use_ema``)."""
+        use_ema = self.ema is not None and self.config.export.use_ema
+        if use_ema:
+            self.ema.swap(self.models.parameters)
+        try:
+            return export_models(self.models, folder, self.config, config_hash=self.config_hash, step=self.step)
+        finally:
+            if use_ema:
+                self.ema.swap(self.models.parameters)
+
+    # ------------------------------------------------------------------ one step
+    def _next_batch(self) -> dict[str, Any]:
+        if self._batches is None:
+            self._batches = iter(self._loader)
+        batch = next(self._batches)
+        self.position = self.sampler.advance(*self.position)
+        return batch
+
+    @torch.no_grad()
+    def encode(self, batch: dict[str, Any], generator: torch.Generator) -> EncodedBatch:
+        """Latents, labels and prompt embeddings of a collated batch (no grad; cached when configured)."""
+        b, t = self.models.bundle, self.config.train
+        captions = list(batch["caption"])
+        if t.empty_prompt_prob > 0:
+            draws = torch.rand(len(captions), generator=generator).tolist()
+            captions = ["" if d < t.empty_prompt_prob else c for d, c in zip(draws, captions)]
+        if self.cache is not None:
+
+            def mean_latents(x: torch.Tensor) -> torch.Tensor:
+                dist = b.vae.encode(x.to(self.device, b.vae.dtype)).latent_dist
+                return (dist.mean * b.scaling_factor).float()
+
+            latents = self.cache.latents(batch, mean_latents, device=self.device)
+            text = self.cache.text_embeddings(
+                captions, lambda c: encode_prompts(b.text_encoder, b.tokenizer, c), device=self.device
+            )
+        else:
+            latents = encode_images(b.vae, batch["pixel_values"].to(self.device), generator)
+            text = encode_prompts(b.text_encoder, b.tokenizer, captions, device=self.device)
+        return EncodedBatch(latents.float(), batch["labels"].to(self.device), text)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def _finish_update(self, optimizer, parameters, max_norm: float | None) -> bool:
+        """Sync, unscale and clip gradients; False when the norm is not finite (with fp16 the grad scaler decides)."""
+        if self.accelerator.num_processes > 1:
+            for p in parameters:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                torch.distributed.all_reduce(p.grad)
+                p.grad.div_(self.accelerator.num_processes)
+        self.accelerator.unscale_gradients(optimizer=optimizer)
+        grads = [p for p in parameters if p.grad is not None]
+        if max_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(grads, max_norm)
+        else:
+            norm = (
+                torch.linalg.vector_norm(torch.stack([g.grad.detach().float().norm() for g in grads])) if grads else 0
+            )
+        if not math.isfinite(float(norm)):
+            if self.accelerator.scaler is not None:
+                return True  # the grad scaler skips the step and lowers its scale
+            return False
+        return True
+
+    def train_step(self) -> StepOutcome:
+        """Run optimizer step ``self.step`` (see the module docstring) and advance the counters."""
+        s, t = self.step, self.config.train
+        seed, accumulation = t.seed, t.gradient_accumulation_steps
+        if self._batches is None:  # before seeding: starting workers must not shift this step's draws
+            self._batches = iter(self._loader)
+        torch.manual_seed(step_seed(seed, s, _GLOBAL))
+        batches = [self.encode(self._next_batch(), _generator(seed, s, _ENCODE, k)) for k in range(accumulation)]
+        adversarial = self.step_fn.is_adversarial_step(s)
+        autocast = self.accelerator.autocast
+        terms: dict[str, float] = {}
+        d_skipped = False
+        if adversarial:
+            disc = self.models.discriminator
+            # A non-finite batch would also poison D's BatchNorm running statistics: keep them to put back.
+            buffers = {name: b.detach().clone() for name, b in disc.named_buffers()}
+            d_results = []
+            for k, mb in enumerate(batches):
+                with autocast():
+                    r = self.step_fn.discriminator_step(
+                        mb.latents, mb.labels, mb.text, _generator(seed, s, _DISC, k), self._backward
+                    )
+                d_results.append(r)
+                if r.skipped:
+                    break
+            d_skipped = any(r.skipped for r in d_results)
+            d_params = [p for p in disc.parameters() if p.requires_grad]
+            if not d_skipped:
+                d_skipped = not self._finish_update(self.d_opt, d_params, self.config.discriminator.max_grad_norm)
+            if not d_skipped:
+                self.d_opt.step()
+                d_skipped = self.d_opt.step_was_skipped  # fp16: the grad scaler found inf/NaN gradients
+            if not d_skipped:
+                # A run extended past its D schedule stays at the schedule's end.
+                if self.d_sched.last_epoch < self.d_sched.total_steps:
+                    self.d_sched.step()
+            else:
+                with torch.no_grad():
+                    for name, b in disc.named_buffers():
+                        b.copy_(buffers[name])
+            self.d_opt.zero_grad(set_to_none=True)
+            terms.update(_mean_terms(d_results))
+            terms["d_lr"] = self.d_opt.param_groups[0]["lr"]
+        g_results = []
+        for k, mb in enumerate(batches):
+            with autocast():
+                r = self.step_fn.generator_step(
+                    mb.latents, mb.labels, mb.text, s, _generator(seed, s, _GEN, k), self._backward
+                )
+            g_results.append(r)
+            if r.skipped:
+                break
+        skipped = any(r.skipped for r in g_results)
+        if not skipped:
+            skipped = not self._finish_update(self.g_opt, self.models.parameters, self.config.optim.max_grad_norm)
+        lr = self.g_opt.param_groups[0]["lr"]
+        if not skipped:
+            self.g_opt.step()
+            skipped = self.g_opt.step_was_skipped
+        if not skipped and self.ema is not None:
+            self.ema.update(self.models.parameters)
+        self.g_opt.zero_grad(set_to_none=True)
+        self.g_sched.step()
+        if skipped or d_skipped:
+            self.skipped_steps += 1
+            logger.warning(
+                "step %d: non-finite %s; update skipped (%d skipped so far)",
+                s,
+                "generator loss/gradient" if skipped else "discriminator loss/gradient",
+                self.skipped_steps,
+            )
+        terms.update(_mean_terms(g_results))
+        self.step += 1
+        return StepOutcome(s, terms, skipped, d_skipped, adversarial, lr)
+
+    # ------------------------------------------------------------------ the run
+    def validate(self):
+        folder = self.output / "validation" / f"step_{self.step:06d}"
+        result = self.validator.run(self.step, folder, autocast=self.accelerator.autocast)
+        if self.tensorboard:
+            scalars = (
+                {} if result.miou is None else {"val/miou": result.miou, "val/pixel_accuracy": result.pixel_accuracy}
+            )
+            self.accelerator.log(scalars, step=self.step)
+            tracker = self.accelerator.get_tracker("tensorboard", unwrap=True)
+            tracker.add_image("validation", result.grid, self.step, dataformats="HWC")
+        return result
+
+    def run(self, stop_at: int | None = None) -> TrainResult:
+        """Train until ``train.steps`` (or ``stop_at`` steps, e.g. a time-boxed or test run), then checkpoint.
+
+        Validation, checkpoints and exports happen at their intervals; at ``train.steps`` the final checkpoint,
+        validation (``validation.at_end``) and ``<output>/export`` are written.
+        """
+        from tqdm.auto import tqdm
+
+        t, v = self.config.train, self.config.validation
+        end = t.steps if stop_at is None else min(stop_at, t.steps)
+        result = TrainResult(self.step, self.skipped_steps)
+        if self.tensorboard:
+            self.accelerator.init_trackers("layout2image")
+            self.accelerator.get_tracker("tensorboard", unwrap=True).add_text(
+                "config", f"```\n{self.config.to_yaml()}```"
+            )
+        main = self.accelerator.is_main_process
+        if self.validator is not None and v.at_start and self.step == 0 and main:
+            result.validations.append(self.validate())
+        bar = tqdm(total=t.steps, initial=self.step, desc="train", disable=not main, dynamic_ncols=True)
+        last_checkpoint = None
+        try:
+            while self.step < end:
+                outcome = self.train_step()
+                result.history.append(outcome)
+                done = self.step
+                postfix = {k: f"{outcome.terms[k]:.4g}" for k in ("loss", "loss_adv", "d_loss") if k in outcome.terms}
+                postfix["lr"] = f"{outcome.lr:.2e}"
+                postfix["mem"] = f"{_peak_memory_gib(self.device):.2f}G"
+                if self.skipped_steps:
+                    postfix["skipped"] = self.skipped_steps
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(1)
+                if self.tensorboard and (done % t.log_every == 0 or done == end):
+                    scalars = {f"train/{k}": val for k, val in outcome.terms.items()}
+                    scalars.update({"train/lr": outcome.lr, "train/skipped_steps": self.skipped_steps})
+                    self.accelerator.log(scalars, step=done)
+                if (
+                    self.validator is not None
+                    and v.every
+                    and done % v.every == 0
+                    and (done < t.steps or not v.at_end)
+                    and main
+                ):
+                    result.validations.append(self.validate())
+                if t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.steps:
+                    last_checkpoint = self.save_checkpoint()
+        finally:
+            bar.close()
+        if self.step < t.steps:  # stopped early: keep the state so the run can resume
+            if last_checkpoint is None or not last_checkpoint.name.endswith(f"{self.step:06d}"):
+                last_checkpoint = self.save_checkpoint()
+        else:
+            last_checkpoint = self.save_checkpoint()
+            if self.validator is not None and v.at_end and main:
+                result.validations.append(self.validate())
+            if main:
+                result.export = self._final_export()
+        self.accelerator.end_training()
+        self._batches = None
+        result.steps_done, result.skipped_steps, result.checkpoint = self.step, self.skipped_steps, last_checkpoint
+        return result
+
+    def _final_export(self) -> ExportResult:
+        import shutil
+
+        final, tmp = self.output / "export", self.output / ".tmp-export"
+        shutil.rmtree(tmp, ignore_errors=True)
+        exported = self.export(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        exported.folder = final
+        return exported
+
+
+def train(config: Config) -> TrainResult:
+    """Build a `Trainer` for ``config`` and run it to ``train.steps``."""
+    return Trainer(config).run()
