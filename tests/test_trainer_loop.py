@@ -197,6 +197,14 @@ def test_one_adversarial_step_per_mode_changes_only_trainable_weights_and_export
         assert _header(export / "lora.safetensors")["l2i.kind"] == "lora"
         assert _header(export / "spade.safetensors")["l2i.kind"] == "spade"
         assert all(k.startswith("unet.") for k in load_file(export / "lora.safetensors"))
+        # The UI files: a kohya LoRA + SPADE companion that load back into a plain UNet with the same weights.
+        from layout2image.weights import load_sdm_lora
+
+        fresh = UNet2DConditionModel.from_pretrained(tiny_world / "sd", subfolder="unet")
+        load_sdm_lora(fresh, export / "sdm_lora.safetensors", models.label_set)
+        fresh_state = dict(fresh.named_parameters())
+        assert all(torch.equal(fresh_state[k], after[k]) for k in after)
+        assert all(k.startswith("lora_unet_") for k in load_file(export / "sdm_lora.safetensors"))
     else:
         from diffusers import T2IAdapter
 

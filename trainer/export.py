@@ -43,6 +43,7 @@ logger = get_logger(__name__)
 EXPORT_FORMAT = 1
 LORA_FILE = "lora.safetensors"
 SPADE_FILE = "spade.safetensors"
+KOHYA_LORA_FILE = "sdm_lora.safetensors"
 _LORA_PREFIX = "unet."
 _DTYPES = {"fp32": None, "fp16": torch.float16}
 
@@ -155,6 +156,20 @@ def _export_sdm_lora(models, folder: Path, dtype, config_hash: str, result: Expo
     spade_md = _metadata(models, "spade", config_hash, **extra).to_safetensors()
     save_file(_cast(parts.spade, dtype), str(folder / SPADE_FILE), metadata=spade_md)
     result.files.append(Path(SPADE_FILE))
+
+    # What ComfyUI / A1111 load: a kohya LoRA (ldm names, .alpha = lora_alpha) + its SPADE companion file.
+    from ..weights.spade_file import save_sdm_lora
+
+    files = save_sdm_lora(
+        models.adapter,
+        folder / KOHYA_LORA_FILE,
+        models.label_set,
+        hint_encoding=models.hint_encoding,
+        base_model=models.base_model_name,
+        training_config_hash=config_hash,
+        dtype=dtype,
+    )
+    result.files += [files.lora_path.relative_to(folder), files.spade_path.relative_to(folder)]
 
 
 def export_models(models, folder: str | os.PathLike, config, *, config_hash: str, step: int) -> ExportResult:

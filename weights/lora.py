@@ -162,8 +162,8 @@ def _config_dict(unet_config: Any) -> dict[str, Any]:
         raise TypeError(f"unet_config must be a UNet config mapping or a UNet, got {type(unet_config).__name__}")
     # JSON round trip: plain types (tuples -> lists), a copy the caller's config never shares; diffusers' private
     # entries (``_name_or_path`` may hold a local path, ``_use_default_values``) are dropped, ``_class_name`` kept
-    config = json.loads(json.dumps(dict(unet_config), default=list))
-    return {k: v for k, v in config.items() if not k.startswith("_") or k == "_class_name"}
+    kept = {k: v for k, v in dict(unet_config).items() if not k.startswith("_") or k == "_class_name"}
+    return json.loads(json.dumps(kept, default=lambda v: str(v) if isinstance(v, os.PathLike) else list(v)))
 
 
 def _per_level(value: Any, levels: int, name: str) -> list[int]:
