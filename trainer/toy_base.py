@@ -84,6 +84,7 @@ __all__ = [
     "ToyBaseConfig",
     "ToyBaseReport",
     "ToyData",
+    "autoencode",
     "build_toy_tokenizer",
     "caption_vocabulary",
     "domain_prompts",
@@ -195,6 +196,9 @@ class ToyBaseConfig:
     segmenter_steps: int | None = field(default=None, metadata={"help": "Fixed step count (None: budget)."})
     segmenter_max_steps: int = field(default=8000, metadata={"help": "Most steps the budget may give."})
     num_disc_train: int = field(default=1000, metadata={"help": "Training images of the discriminator init."})
+    num_autoencoded: int = field(
+        default=1000, metadata={"help": "Training images also shown autoencoded to each segmenter (0 = none)."}
+    )
     discriminator_steps: int | None = field(default=None, metadata={"help": "Fixed step count (None: budget)."})
     discriminator_max_steps: int = field(default=4000, metadata={"help": "Most steps the budget may give."})
     # evaluation
@@ -912,28 +916,31 @@ def _normalize(images: torch.Tensor) -> torch.Tensor:
     return ((images + 1) * 0.5 - mean) / std
 
 
-def _blur(x: torch.Tensor) -> torch.Tensor:
-    """A 3x3 binomial blur (stands in for the softness of decoded images)."""
-    k = torch.tensor([1.0, 2.0, 1.0])
-    kernel = (k[:, None] * k[None, :] / 16).expand(x.shape[1], 1, 3, 3)
-    return F.conv2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), kernel, groups=x.shape[1])
-
-
 @torch.no_grad()
-def segmenter_miou(segmenter, data: ToyData, batch: int = 32, images: torch.Tensor | None = None) -> float:
-    """mIoU of a loaded segmenter (a `SegmenterDiscriminator`, argmax over the N class channels) on `data`.
-
-    Args:
-        images (`torch.Tensor`, *optional*): `(N, 3, H, W)` in [-1, 1] to segment instead of ``data.images``
-            (e.g. autoencoder reconstructions); ``data.labels`` are the targets.
-    """
+def segmenter_miou(segmenter, data: ToyData, batch: int = 32) -> float:
+    """mIoU of a loaded segmenter (a `SegmenterDiscriminator`, argmax over the N class channels) on `data`."""
     metric = MeanIoU(len(TOY_CLASSES), IGNORE_INDEX)
     for lo in range(0, len(data), batch):
         index = torch.arange(lo, min(lo + batch, len(data)))
-        x = data.image_batch(index) if images is None else images[index]
         target = data.labels[index].long()
-        metric.update(segmenter(x, size=target.shape[-2:]), target)
+        metric.update(segmenter(data.image_batch(index), size=target.shape[-2:]), target)
     return float(metric.compute().miou)
+
+
+@torch.no_grad()
+def autoencode(vae, data: ToyData, num: int | None = None, batch: int = 32) -> ToyData:
+    """The first `num` samples of `data` (all by default) with their images replaced by ``decode(mode(encode(x)))``.
+
+    Labels, captions and domains are kept: the images a diffusion model decodes look like these, so a segmenter
+    that sees them in training reads decoded images as well as real ones.
+    """
+    num = len(data) if num is None else min(int(num), len(data))
+    images = []
+    for lo in range(0, num, batch):
+        x = data.image_batch(torch.arange(lo, min(lo + batch, num)))
+        y = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        images.append(((y + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1))
+    return ToyData(torch.cat(images), data.labels[:num], data.captions[:num], data.domains[:num])
 
 
 def train_segmenter(
@@ -948,11 +955,18 @@ def train_segmenter(
     max_steps: int,
     budget_s: float | None,
     name: str,
+    autoencoded: ToyData | None = None,
 ) -> PartResult:
-    """Train a SegFormer on real toy images (flips, and a blur on half the batches) with cross-entropy.
+    """Train a SegFormer on toy images with cross-entropy (ignore id skipped) and horizontal flips.
 
-    Returns the transformers model (N outputs, ``id2label`` = toy class names) under ``models["model"]``; the
-    figures are filled in by the caller, which measures through the saved folder.
+    Args:
+        autoencoded (`ToyData`, *optional*): the same kind of images passed through the autoencoder (`autoencode`);
+            each batch is drawn from them instead of `train` with probability 1/2, so that the segmenter also reads
+            the softer images a decoder produces.
+
+    Returns:
+        `PartResult` with the transformers model (N outputs, ``id2label`` = toy class names) under
+        ``models["model"]``; the figures are filled in by the caller, which measures through the saved folder.
     """
     from transformers import SegformerForSemanticSegmentation
 
@@ -962,12 +976,12 @@ def train_segmenter(
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.segmenter_lr, weight_decay=0.01)
 
     def step_fn(step: int) -> float:
-        index = torch.randint(len(train), (config.segmenter_batch,), generator=generator)
-        x, y = train.image_batch(index), train.labels[index].long()
+        use_autoencoded = autoencoded is not None and bool(torch.rand((), generator=generator) < 0.5)
+        source = autoencoded if use_autoencoded else train
+        index = torch.randint(len(source), (config.segmenter_batch,), generator=generator)
+        x, y = source.image_batch(index), source.labels[index].long()
         if bool(torch.rand((), generator=generator) < 0.5):
             x, y = x.flip(-1), y.flip(-1)
-        if bool(torch.rand((), generator=generator) < 0.5):
-            x = _blur(x)
         logits = model(pixel_values=_normalize(x)).logits
         logits = F.interpolate(logits, size=y.shape[-2:], mode="bilinear", align_corners=False)
         loss = F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX)
@@ -1142,7 +1156,8 @@ def _train_toy_base(out_dir: Path, config: ToyBaseConfig, samples_png: bool) -> 
     figures["autoencoder"], steps["autoencoder"] = result.figures, asdict(result.report)
     t = lap("autoencoder", t)
 
-    # 4. evaluation segmenter (before the UNet so that the samples can be scored with it)
+    # 4. evaluation segmenter (before the UNet so that the samples can be scored with it), on real images and, for
+    # half of the batches, on their autoencoded versions (what decoded samples look like)
     result = train_segmenter(
         config,
         train,
@@ -1154,20 +1169,12 @@ def _train_toy_base(out_dir: Path, config: ToyBaseConfig, samples_png: bool) -> 
         max_steps=config.segmenter_max_steps,
         budget_s=config.segmenter_share * total_s,
         name="segmenter",
+        autoencoded=autoencode(vae, train, config.num_autoencoded) if config.num_autoencoded else None,
     )
     _save_segmenter(result.models["model"], out_dir / "segmenter", config.size)
     segmenter = _load_segmenter(out_dir / "segmenter")
-    with torch.no_grad():
-        recon = torch.cat(
-            [
-                vae.decode(
-                    vae.encode(heldout.image_batch(torch.arange(lo, min(lo + 32, len(heldout))))).latent_dist.mode()
-                ).sample.clamp(-1, 1)
-                for lo in range(0, len(heldout), 32)
-            ]
-        )
     result.figures["heldout_miou"] = round(segmenter_miou(segmenter, heldout), 4)
-    result.figures["heldout_miou_autoencoded"] = round(segmenter_miou(segmenter, heldout, images=recon), 4)
+    result.figures["heldout_miou_autoencoded"] = round(segmenter_miou(segmenter, autoencode(vae, heldout)), 4)
     logger.info(
         "evaluation segmenter: held-out mIoU %.4f (on autoencoded images %.4f)",
         result.figures["heldout_miou"],
@@ -1190,6 +1197,7 @@ def _train_toy_base(out_dir: Path, config: ToyBaseConfig, samples_png: bool) -> 
         max_steps=config.discriminator_max_steps,
         budget_s=config.discriminator_share * total_s,
         name="discriminator-init",
+        autoencoded=autoencode(vae, disc_train, config.num_autoencoded) if config.num_autoencoded else None,
     )
     _save_segmenter(result.models["model"], out_dir / "discriminator_init", config.size)
     result.figures["own_heldout_miou"] = round(
