@@ -6,7 +6,9 @@ are found relative to the root and prefixed with the import name. Everything els
 
 from setuptools import find_packages, setup
 
-_SUBPACKAGES = find_packages(where=".", exclude=["tests", "tests.*", "build", "build.*", "docs", "docs.*"])
+_SUBPACKAGES = find_packages(
+    where=".", exclude=["tests", "tests.*", "build", "build.*", "docs", "docs.*", "a1111", "a1111.*"]
+)
 
 setup(
     package_dir={"layout2image": "."},

@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size", type=_size, default=128, help="image size in pixels, 16..1024 (default: 128)")
     parser.add_argument("--seed", type=_non_negative_int, default=0, help="dataset seed, >= 0 (default: 0)")
     parser.add_argument(
+        "--start",
+        type=_non_negative_int,
+        default=0,
+        help="index of the first sample (default: 0); disjoint index ranges of one seed are disjoint splits",
+    )
+    parser.add_argument(
         "--domains",
         type=_domains,
         default=DOMAINS,
@@ -89,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             domains=args.domains,
             preview_rows=args.preview_rows,
             overwrite=args.overwrite,
+            start=args.start,
         )
     except FileExistsError as err:
         parser.error(str(err))

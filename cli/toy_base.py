@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 
 __all__ = ["build_parser", "main", "summary_lines"]
@@ -54,6 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads", type=_non_negative_int, default=2, help="torch CPU threads (default: 2; 0 keeps torch's choice)"
     )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a ToyBaseConfig field, e.g. --set noise_offset=0.05 unet_channels=[32,64,128]",
+    )
     parser.add_argument("--quiet", action="store_true", help="log warnings only (the summary is still printed)")
     return parser
 
@@ -92,13 +102,22 @@ def main(argv: list[str] | None = None) -> int:
     # machine. It only takes effect if torch (and its OpenMP runtime) is not loaded yet.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-    import torch
-
+    from ..trainer.config_io import ConfigError, apply_overrides, build_dataclass
     from ..trainer.toy_base import ToyBaseConfig, train_toy_base
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    report = train_toy_base(args.out, ToyBaseConfig(seed=args.seed, minutes=args.minutes))
+    try:
+        data = apply_overrides(ToyBaseConfig, {"seed": args.seed, "minutes": args.minutes}, args.overrides)
+        config = build_dataclass(ToyBaseConfig, data)
+    except (ConfigError, ValueError) as e:
+        build_parser().error(str(e))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = shlex.join(["l2i-train", "--preset", "toy-base", *argv]).replace(" --out ", " --output ", 1)
+    report = train_toy_base(
+        args.out,
+        config,
+        threads=args.threads or None,
+        command=command,
+    )
     for line in summary_lines(report.figures, report.seconds, args.out):
         print(line)
     print(f"  all figures: {json.dumps(str(report.out_dir / 'acceptance.json'))}")

@@ -27,9 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="l2i-train",
         description="Train a layout adapter (ALDM ControlNet, SDM-LoRA, T2I-Adapter) on SD 1.5.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Presets: " + ", ".join(list_presets()) + ". Settings: l2i-train --print-config shows every key.",
+        epilog="Presets: "
+        + ", ".join([*list_presets(), TOY_BASE])
+        + ". Settings: l2i-train --print-config shows every key.",
     )
-    parser.add_argument("--preset", choices=list_presets(), help="starting settings (see trainer/presets/)")
+    parser.add_argument(
+        "--preset",
+        choices=[*list_presets(), TOY_BASE],
+        help="starting settings (see trainer/presets/); toy-base trains the toy world's base models instead "
+        "(--output DIR, --minutes, --seed, --threads, --set FIELD=VALUE; see docs/TOY_WORLD.md)",
+    )
     parser.add_argument(
         "--config", action="append", default=[], metavar="FILE", help="YAML/TOML settings file (repeatable)"
     )
@@ -52,7 +59,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Not a trainer preset: ``--preset toy-base`` trains the toy world's base models (`layout2image.cli.toy_base`).
+TOY_BASE = "toy-base"
+
+
+def _toy_base_argv(argv: list[str]) -> list[str] | None:
+    """The `cli.toy_base` arguments for ``l2i-train --preset toy-base ...``, or None for any other preset."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset")
+    pre.add_argument("--output")
+    known, rest = pre.parse_known_args(argv)
+    if known.preset != TOY_BASE:
+        return None
+    return (["--out", known.output] if known.output else []) + rest
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    toy_base_argv = _toy_base_argv(argv)
+    if toy_base_argv is not None:
+        from . import toy_base
+
+        return toy_base.main(toy_base_argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     extra: dict = {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-NODE_MODULES: tuple[str, ...] = ("label_maps", "controlnet", "sdm_lora", "spade", "guidance", "alignment")
+NODE_MODULES: tuple[str, ...] = ("label_maps", "controlnet", "sdm_lora", "spade", "guidance", "alignment", "toy")
 
 
 def node_classes() -> list[type]:

@@ -21,8 +21,9 @@ How it hooks into ComfyUI (comfyui.md §4; all on a ``model.clone()``, the given
 The maths is core's: each closure returns ``core.spade.spade_group_norm(x, layout, spade, ...)`` with the GroupNorm's
 own (possibly LoRA-patched, cast) weight and bias, and the layout batch follows ``core.spade.expand_layout_batch``
 with one chunk per ``cond_or_uncond`` entry. The layout is encoded lazily per feature size from the ids with
-``resize_layout``'s nearest rule, which equals resizing the full-resolution encoding (no full-size one-hot is
-built). Area conditioning (cropped latents) is not supported: the layout would not be cropped with it.
+``resize_layout``'s nearest rule (``core.spade.SPADELayoutEncoder``), which equals resizing the full-resolution
+encoding (no full-size one-hot is built). Area conditioning (cropped latents) is not supported: the layout would not
+be cropped with it.
 """
 
 from __future__ import annotations
@@ -40,10 +41,18 @@ import torch
 from comfy_api.latest import io
 from torch import nn
 
-from ..core.hints import class_embedding_hint, one_hot
-from ..core.labels import LabelSet, edge_map
+from ..core.labels import LabelSet
 from ..core.logging import get_logger
-from ..core.spade import SPADE, SPADEAdapter, expand_layout_batch, resize_layout, site_key, spade_group_norm
+from ..core.spade import (
+    SPADE,
+    LdmSiteError,
+    SPADEAdapter,
+    SPADELayoutEncoder,
+    expand_layout_batch,
+    ldm_site_paths,
+    site_key,
+    spade_group_norm,
+)
 from .types import LabelMap, LabelMapType
 
 try:  # the SDM-LoRA companion-file reader of weights/ (validates sites, shapes and metadata)
@@ -80,9 +89,7 @@ UNCOND_LAYOUT = ("layout", "null layout")
 #: Set by the Layout CFG guider; when present it replaces the node's own ``uncond_layout`` rule.
 NULL_LAYOUT_CONDS = "l2i_null_layout_conds"
 
-_SITE_RE = re.compile(r"^(?:mid_block|up_blocks\.(\d+))\.resnets\.(\d+)\.(norm1|norm2)$")
 _KEY_RE = re.compile(r"^(mid_block|up_blocks_(\d+))_resnets_(\d+)_(norm1|norm2)$")
-_NORM_PATHS = {"norm1": "in_layers.0", "norm2": "out_layers.0"}
 _ADAPTER_ARGS = ("site_names", "feature_channels", "layout_channels", "hidden_channels", "kernel_size")
 _ADAPTER_ARGS += ("shared_kernel_size",)
 
@@ -248,18 +255,11 @@ def _resolve_spade_path(name: str) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- site mapping
-def _is_resblock(module: nn.Module) -> bool:
-    return isinstance(getattr(module, "in_layers", None), nn.Sequential) and isinstance(
-        getattr(module, "out_layers", None), nn.Sequential
-    )
-
-
 def comfy_site_paths(diffusion_model: nn.Module, site_names: Sequence[str], prefix: str = "diffusion_model") -> dict:
-    """Map diffusers SPADE site names onto module paths of ComfyUI's ldm ``UNetModel``.
+    """Map diffusers SPADE site names onto module paths of ComfyUI's ldm ``UNetModel`` (``core.spade.ldm_site_paths``).
 
     Args:
-        diffusion_model (`nn.Module`): ``model.get_model_object("diffusion_model")`` (``middle_block``,
-            ``output_blocks`` and ``num_res_blocks``, as in ``openaimodel.UNetModel``).
+        diffusion_model (`nn.Module`): ``model.get_model_object("diffusion_model")``.
         site_names (`Sequence[str]`): ``mid_block.resnets.K.normN`` / ``up_blocks.I.resnets.J.normN``.
         prefix (`str`): prepended to every path (paths are relative to the BaseModel, like object patches).
 
@@ -270,42 +270,10 @@ def comfy_site_paths(diffusion_model: nn.Module, site_names: Sequence[str], pref
     Raises:
         SPADEFileError: the model is not an SD-style ldm UNet, or a site does not exist in it.
     """
-    middle = getattr(diffusion_model, "middle_block", None)
-    output_blocks = getattr(diffusion_model, "output_blocks", None)
-    num_res_blocks = getattr(diffusion_model, "num_res_blocks", None)
-    if output_blocks is None or num_res_blocks is None:
-        raise SPADEFileError(
-            f"the MODEL's diffusion model ({type(diffusion_model).__name__}) is not an SD-style UNet with "
-            "output_blocks and num_res_blocks; SPADE supports SD 1.x/2.x-style UNets"
-        )
-    mid_positions = [i for i, m in enumerate(middle or []) if _is_resblock(m)]
-    up_sizes = [int(n) + 1 for n in reversed(list(num_res_blocks))]
-    offsets = [sum(up_sizes[:i]) for i in range(len(up_sizes))]
-    paths = {}
-    for name in site_names:
-        m = _SITE_RE.match(name)
-        if m is None:
-            raise SPADEFileError(f"SPADE site {name!r} is not a decoder ResNet norm (mid_block/up_blocks resnets)")
-        up, j, norm = m.group(1), int(m.group(2)), m.group(3)
-        if up is None:
-            if j >= len(mid_positions):
-                raise SPADEFileError(
-                    f"SPADE site {name!r}: the MODEL's middle block has {len(mid_positions)} ResBlock(s)"
-                )
-            path = f"middle_block.{mid_positions[j]}.{_NORM_PATHS[norm]}"
-        else:
-            i = int(up)
-            if i >= len(up_sizes) or j >= up_sizes[i]:
-                raise SPADEFileError(
-                    f"SPADE site {name!r} does not exist in the MODEL (up blocks of {up_sizes} resnets); the file "
-                    "belongs to another base model"
-                )
-            k = offsets[i] + j
-            if k >= len(output_blocks) or not _is_resblock(output_blocks[k][0]):
-                raise SPADEFileError(f"SPADE site {name!r}: output_blocks.{k}.0 of the MODEL is not a ResBlock")
-            path = f"output_blocks.{k}.0.{_NORM_PATHS[norm]}"
-        paths[name] = f"{prefix}.{path}" if prefix else path
-    return paths
+    try:
+        return ldm_site_paths(diffusion_model, site_names, prefix=prefix)
+    except LdmSiteError as e:
+        raise SPADEFileError(str(e).replace("the model", "the MODEL")) from None
 
 
 # ---------------------------------------------------------------------------------------------- per-call state
@@ -383,40 +351,14 @@ class _SpadeState:
         start, end = self.sigma_range
         return end <= sigma <= start
 
-    def ids_on(self, device: torch.device) -> torch.Tensor:
-        key = ("ids", device)
-        if key not in self.cache:
-            self.cache[key] = self.label_map.ids.to(device)
-        return self.cache[key]
-
     def encode(self, size: tuple[int, int], device: torch.device) -> torch.Tensor:
-        """`(L, C_m, h, w)` float32: the layout encoding of the ids, nearest-resized to ``size`` exactly as
-        ``resize_layout`` resizes the full-resolution encoding (per-pixel encodings commute with it)."""
-        key = ("layout", size, device)
-        cached = self.cache.get(key)
-        if cached is not None:
-            return cached
-        ids = self.ids_on(device)
-        small = resize_layout(ids[:, None].float(), size)[:, 0].round().long()
-        label_set = self.label_map.label_set
-        encoding = self.weights.encoding
-        if encoding in ("onehot", "onehot_edges"):
-            layout = one_hot(small, label_set.num_classes, label_set.ignore_index)
-            if encoding == "onehot_edges":
-                edges = self.cache.get(("edges", device))
-                if edges is None:
-                    edges = edge_map(ids)[:, None].float()
-                    self.cache[("edges", device)] = edges
-                layout = torch.cat([layout, resize_layout(edges, size)], dim=1)
-        elif encoding == "embedding":
-            table = self.weights.table.to(device=device, dtype=torch.float32)
-            layout = class_embedding_hint(small, table, label_set.ignore_index, stride=1)
-        else:  # pragma: no cover - load_spade_weights only returns known encodings
-            raise SPADEFileError(f"unknown SPADE layout encoding {encoding!r}")
-        if len(self.cache) > 64:
-            self.cache.clear()
-        self.cache[key] = layout
-        return layout
+        """`(L, C_m, h, w)` float32: the layout encoding of the ids at ``size`` (``core.spade.SPADELayoutEncoder``)."""
+        encoder = self.cache.get("encoder")
+        if encoder is None:
+            encoder = self.cache["encoder"] = SPADELayoutEncoder(
+                self.label_map.ids, self.label_map.label_set, self.weights.encoding, self.weights.table
+            )
+        return encoder.at(size, device)
 
 
 class _SpadeCall:

@@ -2,7 +2,8 @@
 
 A label map travels between nodes as ``L2I_LABEL_MAP`` (never disguised as an IMAGE): a `LabelMap` holding the
 class ids, the label set they index and (through it) the ignore id. A label set travels alone as
-``L2I_LABEL_SET``. ComfyUI's own types are:
+``L2I_LABEL_SET``. The toy world's loaded models (`layout2image.core.toy.generate.ToyModels`) travel as
+``L2I_TOY_WORLD``. ComfyUI's own types are:
 
 - IMAGE: `(B, H, W, C)` float32 in [0, 1] (C = 3 for RGB);
 - MASK: `(B, H, W)` (or `(H, W)`) float32 in [0, 1];
@@ -24,9 +25,11 @@ from ..core.labels import LabelSet, check_ids
 __all__ = [
     "LABEL_MAP_TYPE",
     "LABEL_SET_TYPE",
+    "TOY_WORLD_TYPE",
     "LabelMap",
     "LabelMapType",
     "LabelSetType",
+    "ToyWorldType",
     "image_from_uint8",
     "image_to_uint8",
     "latent_image_size",
@@ -35,11 +38,14 @@ __all__ = [
 
 LABEL_MAP_TYPE = "L2I_LABEL_MAP"
 LABEL_SET_TYPE = "L2I_LABEL_SET"
+TOY_WORLD_TYPE = "L2I_TOY_WORLD"
 
 #: Socket type of a `LabelMap` (``io.LabelMapType.Input("label_map")``).
 LabelMapType = io.Custom(LABEL_MAP_TYPE)
 #: Socket type of a `LabelSet`.
 LabelSetType = io.Custom(LABEL_SET_TYPE)
+#: Socket type of the toy world's loaded models (a `ToyModels`, from the Toy World Loader).
+ToyWorldType = io.Custom(TOY_WORLD_TYPE)
 
 
 @dataclass(frozen=True, eq=False)

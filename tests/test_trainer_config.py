@@ -14,13 +14,18 @@ from layout2image.trainer.config import (
     load_config,
 )
 from layout2image.trainer.config_io import parse_override
+from layout2image.trainer.models import TOY_WEIGHTS_DIR
 
 
 def test_presets_load_and_differ_where_the_budget_differs():
     assert {"toy", "sd15-8gb", "sd15-12gb", "sd15-24gb"} <= set(list_presets())
     toy, p8, p12, p24 = (load_config(p) for p in ("toy", "sd15-8gb", "sd15-12gb", "sd15-24gb"))
-    assert toy.train.precision == "no" and toy.train.cpu and toy.discriminator.tiny
+    assert toy.train.precision == "no" and toy.train.cpu and not toy.discriminator.tiny
     assert (toy.adversarial.num_unroll_steps, toy.adversarial.lazy_every, toy.train.steps) == (3, 2, 300)
+    # builtin:toy/... resolves to the shipped toy world, and mIoU never comes from D's starting point.
+    assert toy.model.pretrained == str(TOY_WEIGHTS_DIR)
+    assert toy.discriminator.pretrained == str(TOY_WEIGHTS_DIR / "discriminator_init")
+    assert toy.validation.segmenter == str(TOY_WEIGHTS_DIR / "segmenter")
     assert not p8.adversarial.enabled and p8.optim.optimizer == "adamw8bit"
     assert p12.adversarial.decode_crop == 32 and p12.optim.optimizer == "adamw8bit" and p12.train.batch_size == 1
     assert p24.adversarial.decode_crop is None and p24.optim.optimizer == "adamw" and p24.train.batch_size == 2
@@ -140,6 +145,39 @@ def test_cli_print_config_and_bad_set(capsys):
     assert exit_info.value.code == 2
     assert "unknown setting 'train.stepz'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        train_main(["--preset", "toy", "--output", "o"])  # no model, no data
+        train_main(["--preset", "toy", "--output", "o", "--set", "model.pretrained=null"])  # no model, no data
     assert exit_info.value.code == 2
     assert "model.pretrained is not set" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--preset", "toy", "--output", "o"])  # the toy base is built in, the data is not
+    assert exit_info.value.code == 2
+    assert "data.root is not set" in capsys.readouterr().err
+
+
+def test_builtin_paths_resolve_or_fail_clearly():
+    cfg = load_config(overrides=["validation.segmenter=builtin:toy/segmenter"])
+    assert cfg.validation.segmenter == str(TOY_WEIGHTS_DIR / "segmenter")
+    for bad in ("builtin:toy/nothing_here", "builtin:", "builtin:../trainer"):
+        with pytest.raises(ConfigError, match=r"model\.pretrained: .*not in this install"):
+            load_config(overrides=[f"model.pretrained={bad}"])
+    # The same folder for D's start and for mIoU is refused, however it is spelled.
+    with pytest.raises(ConfigError, match="discriminator's starting point"):
+        load_config(
+            overrides=[
+                "validation.segmenter=builtin:toy/segmenter",
+                f"discriminator.pretrained={TOY_WEIGHTS_DIR / 'segmenter'}",
+            ]
+        )
+
+
+def test_toy_base_preset_goes_to_the_toy_base_trainer(monkeypatch):
+    from layout2image.cli import toy_base
+    from layout2image.cli.train import _toy_base_argv
+
+    assert _toy_base_argv(["--preset", "toy", "--output", "o"]) is None
+    assert _toy_base_argv(["--preset", "toy-base", "--output", "w", "--minutes", "2", "--set", "seed=3"]) == [
+        "--out", "w", "--minutes", "2", "--set", "seed=3"
+    ]  # fmt: skip
+    seen = []
+    monkeypatch.setattr(toy_base, "main", lambda argv: seen.append(argv) or 0)
+    assert train_main(["--preset", "toy-base", "--output", "w"]) == 0 and seen == [["--out", "w"]]

@@ -105,6 +105,12 @@ def _config(world: Path, out: Path, *overrides: str):
         "validation.at_end=false",
         "validation.num_images=2",
         "validation.num_steps=2",
+        "validation.batch_size=4",
+        # The toy preset's base is the shipped toy world; these tests use the tiny SD above and a random D.
+        "model.hint=embedding",
+        "discriminator.pretrained=null",
+        "discriminator.tiny=true",
+        "validation.segmenter=null",
     ]
     return load_config("toy", overrides=base + list(overrides))
 

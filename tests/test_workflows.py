@@ -94,7 +94,7 @@ def _split_widget_values(where: str, spec: dict, values: list) -> dict:
 # ------------------------------------------------------------------------------------------------ UI templates
 def test_the_templates_are_there():
     names = {p.stem for p in UI_FILES}
-    assert len(names) == 5, names
+    assert len(names) == 6, names
     for path in UI_FILES:
         thumb = path.with_suffix(".jpg")
         assert thumb.is_file() and thumb.stat().st_size < 100_000, f"{thumb.name}: missing or over 100 KB"
@@ -117,10 +117,18 @@ def test_ui_workflow_is_a_consistent_graph_of_known_nodes(path, specs):
         assert node["type"] in specs, f"{where}: not a node of the pack nor a ComfyUI core node in {CORE_FILE.name}"
         spec = specs[node["type"]]
         sockets = _sockets(spec)
-        assert [(i["name"], i["type"]) for i in node["inputs"]] == [(i["name"], i["type"]) for i in sockets], where
+        # sockets first, then widgets fed by a link (the frontend's converted widgets, marked "widget")
+        plain = [i for i in node["inputs"] if "widget" not in i]
+        converted = node["inputs"][len(plain) :]
+        assert [(i["name"], i["type"]) for i in plain] == [(i["name"], i["type"]) for i in sockets], where
         assert [(o["name"], o["type"]) for o in node["outputs"]] == [(o["name"], o["type"]) for o in spec["outputs"]]
-        for inp, sock in zip(node["inputs"], sockets):
+        for inp, sock in zip(plain, sockets):
             assert inp["link"] is not None or sock["optional"], f"{where}: required input {inp['name']} unconnected"
+        widget_types = {i["name"]: i["type"] for i in _widgets(spec)}
+        for inp in converted:
+            assert "widget" in inp and inp["widget"] == {"name": inp["name"]}, f"{where}: {inp} after a widget input"
+            assert widget_types.get(inp["name"]) == inp["type"], f"{where}: {inp['name']} is no {inp['type']} widget"
+            assert inp["link"] is not None, f"{where}: widget input {inp['name']} listed without a link"
         values = _split_widget_values(where, spec, node["widgets_values"])
         for inp in _widgets(spec):
             _check_value(f"{where}.{inp['name']}", inp, values[inp["name"]])
@@ -176,6 +184,7 @@ def test_core_node_list_covers_the_workflows(specs):
     assert used <= set(core["nodes"]) | ours
     assert {"L2IALDMControlNetLoader", "L2IApplyALDMControlNet", "L2ISDMLoraLoader", "L2IApplySPADE"} <= used
     assert {"L2ILayoutGuider", "SamplerCustomAdvanced"} <= used
+    assert {"L2IToyWorldLoader", "L2IToySceneLabelMap", "L2IToyGenerate", "L2ILayoutAlignment"} <= used
 
 
 def test_checks_catch_broken_graphs(specs, tmp_path):

@@ -423,7 +423,16 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig, metadata={"help": "Exported files."})
 
     def __post_init__(self) -> None:
+        from .models import ModelLoadError, resolve_builtin_path
+
         d, v = self.discriminator, self.validation
+        # ``builtin:toy/...`` (what presets use for the shipped toy weights) -> the install's absolute paths.
+        for section, key in (("model", "pretrained"), ("discriminator", "pretrained"), ("validation", "segmenter")):
+            obj = getattr(self, section)
+            try:
+                setattr(obj, key, resolve_builtin_path(getattr(obj, key)))
+            except ModelLoadError as e:
+                raise ConfigError(f"{section}.{key}: {e}") from None
         if v.segmenter and d.pretrained and Path(v.segmenter).resolve() == Path(d.pretrained).resolve():
             raise ConfigError(
                 f"validation.segmenter={v.segmenter!r} is the discriminator's starting point; mIoU must come from an "
@@ -463,8 +472,7 @@ class Config:
         if not self.model.pretrained:
             raise ConfigError(
                 "model.pretrained is not set: give an SD 1.5 diffusers folder or single file (--set "
-                "model.pretrained=PATH). The toy preset's base model comes with the toy world (weights/toy/); until "
-                "it exists pass a tiny diffusers folder"
+                "model.pretrained=PATH), or builtin:toy for the toy world's base model (weights/toy/)"
             )
         if not self.data.root:
             raise ConfigError("data.root is not set: give the dataset folder (--data DIR or --set data.root=DIR)")

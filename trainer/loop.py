@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import resource
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,7 @@ class StepOutcome:
     d_skipped: bool = False
     adversarial: bool = False
     lr: float = 0.0
+    seconds: float = 0.0  # wall time of the step (data, forward, backward, optimizer)
 
 
 @dataclass
@@ -517,7 +519,9 @@ class Trainer:
         last_checkpoint = None
         try:
             while self.step < end:
+                started = time.perf_counter()
                 outcome = self.train_step()
+                outcome.seconds = time.perf_counter() - started
                 result.history.append(outcome)
                 done = self.step
                 postfix = {k: f"{outcome.terms[k]:.4g}" for k in ("loss", "loss_adv", "d_loss") if k in outcome.terms}

@@ -64,10 +64,12 @@ __all__ = [
     "SD15_CONFIG_DIR",
     "SD15_SIGNATURE_KEYS",
     "SINGLE_FILE_EXTENSIONS",
+    "TOY_WEIGHTS_DIR",
     "ModelBundle",
     "ModelLoadError",
     "check_sd15_checkpoint_keys",
     "load_base_models",
+    "resolve_builtin_path",
     "resolve_frozen_dtype",
 ]
 
@@ -75,6 +77,32 @@ logger = get_logger(__name__)
 
 #: The shipped SD 1.5 component configs and CLIP tokenizer (no weights) used for single-file loading.
 SD15_CONFIG_DIR = Path(__file__).resolve().parent / "sd15_config"
+
+#: Where the shipped toy base models live (``weights/toy`` in the package; see docs/TOY_WORLD.md).
+TOY_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights" / "toy"
+
+#: Prefix of paths inside the package's shipped weights: ``builtin:toy`` is `TOY_WEIGHTS_DIR`,
+#: ``builtin:toy/segmenter`` its evaluation segmenter. Presets use it because they cannot know the install folder.
+BUILTIN_PREFIX = "builtin:"
+
+
+def resolve_builtin_path(value: str | None) -> str | None:
+    """``builtin:<path>`` -> the absolute path under the package's ``weights/`` folder; anything else unchanged.
+
+    Raises:
+        ModelLoadError: the shipped path does not exist (e.g. weights/toy was not installed or not yet trained).
+    """
+    if not isinstance(value, str) or not value.startswith(BUILTIN_PREFIX):
+        return value
+    rest = value[len(BUILTIN_PREFIX) :].strip("/")
+    path = TOY_WEIGHTS_DIR.parent / rest
+    if not rest or ".." in Path(rest).parts or not path.exists():
+        raise ModelLoadError(
+            f"{value!r} names shipped weights that are not in this install ({path}); the toy base models are "
+            f"rebuilt by `l2i-train --preset toy-base --output {TOY_WEIGHTS_DIR}` (see docs/TOY_WORLD.md)"
+        )
+    return str(path)
+
 
 #: Subfolder of a diffusers folder -> the file(s) in it that must exist (any one of a tuple).
 COMPONENT_SUBFOLDERS: dict[str, tuple[str, ...]] = {

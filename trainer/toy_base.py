@@ -73,7 +73,7 @@ from ..core.toy import (
     sample_rng,
     toy_label_set,
 )
-from .models import SD15_CONFIG_DIR
+from .models import SD15_CONFIG_DIR, TOY_WEIGHTS_DIR
 
 __all__ = [
     "EXTRA_VOCABULARY",
@@ -84,6 +84,7 @@ __all__ = [
     "ToyBaseConfig",
     "ToyBaseReport",
     "ToyData",
+    "acceptance_markdown",
     "autoencode",
     "build_toy_tokenizer",
     "caption_vocabulary",
@@ -100,9 +101,6 @@ __all__ = [
 ]
 
 logger = get_logger(__name__)
-
-#: Where the shipped toy base models live (``weights/toy`` in the package).
-TOY_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "weights" / "toy"
 
 #: Words the tokenizer knows beyond those of generated captions: class names, counts, and the words of the
 #: trainer's fallback captions (``"a photo with road, car and sky"``).
@@ -144,8 +142,8 @@ class ToyBaseConfig:
     num_train: int = field(default=3000, metadata={"help": "Training images (autoencoder, UNet, segmenter)."})
     num_heldout: int = field(default=256, metadata={"help": "Held-out images for PSNR and mIoU."})
     # shares of the budget; the UNet gets what is left after the others and `eval_reserve`
-    vae_share: float = field(default=0.2, metadata={"help": "Share of the budget for the autoencoder."})
-    segmenter_share: float = field(default=0.13, metadata={"help": "Share of the budget for the segmenter."})
+    vae_share: float = field(default=0.18, metadata={"help": "Share of the budget for the autoencoder."})
+    segmenter_share: float = field(default=0.18, metadata={"help": "Share of the budget for the segmenter."})
     discriminator_share: float = field(default=0.06, metadata={"help": "Share for the discriminator init."})
     eval_reserve: float = field(default=0.04, metadata={"help": "Share kept for saving and evaluation."})
     # autoencoder
@@ -173,12 +171,25 @@ class ToyBaseConfig:
         metadata={"help": "Per level: cross-attention blocks or not (the mid block always has them)."},
     )
     unet_layers_per_block: int = field(default=1, metadata={"help": "Resnets per UNet block."})
-    unet_heads: int = field(default=4, metadata={"help": "Attention heads in the UNet."})
+    unet_head_channels: int = field(
+        default=64,
+        metadata={
+            "help": "Channels per attention head in the UNet (heads = width // this, at least 1). 64 as in SD 1.5: "
+            "ComfyUI's model detection assumes 64-channel heads for UNets it does not know."
+        },
+    )
     unet_norm_groups: int = field(default=16, metadata={"help": "GroupNorm groups of the UNet."})
     unet_batch: int = field(default=32, metadata={"help": "UNet batch size."})
     unet_lr: float = field(default=2e-3, metadata={"help": "UNet and text encoder peak learning rate (AdamW)."})
     caption_dropout: float = field(default=0.1, metadata={"help": "Share of empty captions (for CFG)."})
     min_snr_gamma: float = field(default=5.0, metadata={"help": "min-SNR loss weighting gamma (0 = off)."})
+    noise_offset: float = field(
+        default=0.1,
+        metadata={
+            "help": "Offset noise: add noise_offset * N(0, 1) per image and channel to the training noise. Without "
+            "it SD 1.5's schedule leaves the image mean to the initial noise and 'night' cannot darken samples."
+        },
+    )
     ema_decay: float = field(default=0.999, metadata={"help": "EMA decay of the saved UNet/text weights."})
     unet_steps: int | None = field(default=None, metadata={"help": "Fixed step count (None: from the budget)."})
     unet_max_steps: int = field(default=20000, metadata={"help": "Most steps the budget may give."})
@@ -241,10 +252,11 @@ class ToyBaseConfig:
             raise ValueError("num_train, num_heldout and num_disc_train must be at least 1")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption_dropout={self.caption_dropout} must be in [0, 1)")
-        if self.text_width % self.text_heads or self.unet_channels[0] % self.unet_heads:
+        if self.text_width % self.text_heads:
+            raise ValueError(f"text_width={self.text_width} must be divisible by text_heads={self.text_heads}")
+        if self.unet_head_channels < 1 or self.noise_offset < 0:
             raise ValueError(
-                f"text_width={self.text_width} and unet_channels[0]={self.unet_channels[0]} must be divisible by "
-                f"the head counts ({self.text_heads}, {self.unet_heads})"
+                f"unet_head_channels={self.unet_head_channels} must be >= 1 and noise_offset={self.noise_offset} >= 0"
             )
 
     @property
@@ -684,7 +696,8 @@ def build_unet(config: ToyBaseConfig):
         down_block_types=down,
         up_block_types=up,
         cross_attention_dim=config.text_width,
-        attention_head_dim=config.unet_heads,  # diffusers' SD naming: this is the number of heads
+        # diffusers' SD naming: `attention_head_dim` is the number of heads per level (the mid block uses the last).
+        attention_head_dim=tuple(max(1, c // config.unet_head_channels) for c in config.unet_channels),
         norm_num_groups=config.unet_norm_groups,
     )
 
@@ -762,6 +775,8 @@ def train_text_to_image(
         mu, sigma = means[index], stds[index]
         z0 = scaling * (mu + sigma * torch.randn(mu.shape, generator=generator))
         noise = torch.randn(z0.shape, generator=generator)
+        if config.noise_offset:
+            noise = noise + config.noise_offset * torch.randn((*z0.shape[:2], 1, 1), generator=generator)
         t = torch.randint(scheduler.config.num_train_timesteps, (len(index),), generator=generator)
         noisy = scheduler.add_noise(z0, noise, t)
         tokens = ids[index % n].clone()
@@ -803,16 +818,18 @@ def train_text_to_image(
     return PartResult({"unet": unet, "text_encoder": text_encoder}, figures, report)
 
 
-def domain_prompts(num: int, seed: int, size: int) -> dict[str, list[str]]:
-    """`num` held-out scenes captioned once per domain word with the same wording: ``{domain: [prompt, ...]}``.
+def domain_prompts(num: int, seed: int, size: int, start: int = _HELDOUT_START) -> dict[str, list[str]]:
+    """Scenes ``start .. start + num - 1`` (default: the held-out range) captioned once per domain word with the
+    same wording: ``{domain: [prompt, ...]}``.
 
-    Prompt ``i`` differs between domains only by the domain phrase, so per-word statistics compare like with like.
+    Prompt ``i`` differs between domains only by the domain phrase, so per-word statistics compare like with like;
+    the prompt of a scene's own domain is its dataset caption (``make_sample``).
     """
     prompts: dict[str, list[str]] = {d: [] for d in DOMAINS}
-    for i in range(num):
-        scene = make_scene(size, seed, _HELDOUT_START + i)
+    for i in range(start, start + num):
+        scene = make_scene(size, seed, i)
         for domain in DOMAINS:
-            prompts[domain].append(make_caption(scene, domain, sample_rng(seed, _HELDOUT_START + i, 2)))
+            prompts[domain].append(make_caption(scene, domain, sample_rng(seed, i, 2)))
     return prompts
 
 
@@ -1086,6 +1103,83 @@ def _machine() -> dict[str, Any]:
     }
 
 
+def _fmt(value: Any, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def acceptance_markdown(acceptance: dict[str, Any], title: bool = False) -> str:
+    """The acceptance figures of a run (the content of ``acceptance.json``) as Markdown, for README.md and docs."""
+    fig, steps, times = acceptance["figures"], acceptance["steps"], acceptance["timings_seconds"]
+    ae, seg, disc, t2i = (fig[k] for k in ("autoencoder", "segmenter", "discriminator_init", "text_to_image"))
+    machine, loads = acceptance["machine"], acceptance.get("load_average_1min_after", {})
+
+    def run(part: str) -> str:
+        s = steps[part]
+        load = f", load {loads[part]}" if part in loads else ""
+        return f"{s['steps']} steps, {times.get(part, s['seconds']):.0f} s{load}{' (cut)' if s['cut'] else ''}"
+
+    lines = []
+    if title:
+        lines += [
+            "# Toy base models",
+            "",
+            "The toy world's stand-ins for SD 1.5's frozen parts (load with "
+            "`layout2image.trainer.models.load_base_models`), its evaluation segmenter and the discriminator "
+            "initialisation. Written by `layout2image.trainer.toy_base.train_toy_base`; see docs/TOY_WORLD.md. "
+            "All figures below are also in `acceptance.json`; `samples.png` shows samples per domain word (rows: "
+            + ", ".join(DOMAINS)
+            + ").",
+            "",
+        ]
+    lines += [
+        "| part | acceptance figure | training |",
+        "|---|---|---|",
+        f"| autoencoder | held-out reconstruction PSNR **{ae['heldout_psnr_db']:.2f} dB** (posterior mode, "
+        f"{acceptance['config']['num_heldout']} images); scaling_factor {ae['scaling_factor']} | {run('autoencoder')} |",
+        f"| evaluation segmenter | held-out mIoU **{seg['heldout_miou']:.3f}** on real images, "
+        f"{seg['heldout_miou_autoencoded']:.3f} on their autoencoded versions | {run('segmenter')} |",
+        f"| discriminator init | mIoU {disc['own_heldout_miou']:.3f} on its own held-out split (never used for "
+        f"layout mIoU) | {run('discriminator_init')} |",
+        f"| text encoder + UNet | night − day sample brightness **{t2i['night_minus_day_brightness']:+.3f}**; "
+        f"snow − day white fraction {t2i['snow_minus_day_white_fraction']:+.3f}; fog − day contrast "
+        f"{t2i['fog_minus_day_contrast']:+.3f} | {run('text_to_image')} |",
+        "",
+        f"Samples: {t2i['per_word']} per domain word, the same scenes, wording and noise for every word, DDIM "
+        f"{t2i['steps']} steps, guidance {t2i['guidance_scale']}. Image statistics (`core.toy.image_stats`):",
+        "",
+        "| domain word | brightness (samples / real) | saturation | contrast | white fraction |",
+        "|---|---|---|---|---|",
+    ]
+    for d in DOMAINS:
+        a, r = t2i[d], t2i.get(f"real_{d}", {})
+        cells = [
+            f"{_fmt(a[k])} / {_fmt(r.get(k, '-'))}" for k in ("brightness", "saturation", "contrast", "white_fraction")
+        ]
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    if "class_share_distance_to_real" in t2i:
+        lines += [
+            "",
+            f"The evaluation segmenter on the samples: class shares at total-variation distance "
+            f"{t2i['class_share_distance_to_real']:.3f} from those of real images, mean confidence "
+            f"{t2i['segmenter_confidence_on_samples']:.3f}.",
+        ]
+    lines += [
+        "",
+        f"Run: seed {acceptance['seed']}, {acceptance['wall_seconds'] / 60:.1f} min wall time for a "
+        f"{acceptance['budget_minutes']:g}-minute budget, on {machine['cpu']} ({machine['cpu_count']} cores, "
+        f"{machine['torch_threads']} torch threads), torch {machine['torch']}, diffusers {machine['diffusers']}, "
+        f"transformers {machine['transformers']}."
+        + (
+            " 1-minute load average after each part: " + ", ".join(f"{k} {v}" for k, v in loads.items()) + "."
+            if loads
+            else ""
+        ),
+    ]
+    if acceptance.get("command"):
+        lines += ["", "Command:", "", "```bash", acceptance["command"], "```"]
+    return "\n".join(lines) + "\n"
+
+
 def train_toy_base(
     out_dir: str | os.PathLike,
     config: ToyBaseConfig | None = None,
@@ -1094,6 +1188,7 @@ def train_toy_base(
     seed: int | None = None,
     threads: int | None = 2,
     samples_png: bool = True,
+    command: str | None = None,
 ) -> ToyBaseReport:
     """Train and save every toy base part into `out_dir` (layout in the module docstring).
 
@@ -1106,9 +1201,10 @@ def train_toy_base(
         threads (`int`, *optional*, defaults to 2): torch CPU threads during the run (restored afterwards); None
             keeps the current setting.
         samples_png (`bool`, defaults to True): also write ``samples.png``.
+        command (`str`, *optional*): the command line that ran this, recorded in acceptance.json and README.md.
 
     Returns:
-        `ToyBaseReport`; the same figures are in ``out_dir/acceptance.json``.
+        `ToyBaseReport`; the same figures are in ``out_dir/acceptance.json`` and ``out_dir/README.md``.
     """
     config = config or ToyBaseConfig()
     overrides = {k: v for k, v in (("minutes", minutes), ("seed", seed)) if v is not None}
@@ -1118,12 +1214,12 @@ def train_toy_base(
     if threads:
         torch.set_num_threads(int(threads))
     try:
-        return _train_toy_base(Path(out_dir), config, samples_png)
+        return _train_toy_base(Path(out_dir), config, samples_png, command)
     finally:
         torch.set_num_threads(previous)
 
 
-def _train_toy_base(out_dir: Path, config: ToyBaseConfig, samples_png: bool) -> ToyBaseReport:
+def _train_toy_base(out_dir: Path, config: ToyBaseConfig, samples_png: bool, command: str | None) -> ToyBaseReport:
     from diffusers import PNDMScheduler
 
     from .models import load_base_models
@@ -1133,9 +1229,13 @@ def _train_toy_base(out_dir: Path, config: ToyBaseConfig, samples_png: bool) -> 
     total_s = config.minutes * 60.0
     timings: dict[str, float] = {}
 
+    loads: dict[str, float] = {}
+
     def lap(name: str, since: float) -> float:
         now = time.perf_counter()
         timings[name] = round(now - since, 1)
+        if hasattr(os, "getloadavg"):  # how busy the machine was: other processes slow every part down
+            loads[name] = round(os.getloadavg()[0], 2)
         return now
 
     t = time.perf_counter()
@@ -1240,11 +1340,14 @@ def _train_toy_base(out_dir: Path, config: ToyBaseConfig, samples_png: bool) -> 
         "wall_seconds": seconds,
         "budget_minutes": config.minutes,
         "timings_seconds": timings,
+        "load_average_1min_after": loads,
         "steps": steps,
         "figures": figures,
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(config).items()},
         "machine": _machine(),
+        "command": command,
     }
     (out_dir / "acceptance.json").write_text(json.dumps(acceptance, indent=2) + "\n")
+    (out_dir / "README.md").write_text(acceptance_markdown(acceptance, title=True))
     logger.info("toy base models written to %s in %.0f s", out_dir, seconds)
     return ToyBaseReport(out_dir=out_dir, figures=figures, seconds=seconds)

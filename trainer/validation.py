@@ -97,14 +97,18 @@ class Validator:
         return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
     @torch.no_grad()
-    def _sample(self, labels: torch.Tensor, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+    def sample(self, labels: torch.Tensor, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """Images `(B, 3, H, W)` in [0, 1] for `labels` `(B, H, W)` int64 on the device, one prompt and noise seed
+        each, with the validation settings (DDIM steps, guidance, negative prompt)."""
         m, cfg = self.models, self.config
         bundle = m.bundle
         from diffusers import DDIMScheduler
 
         scheduler = DDIMScheduler.from_config(bundle.noise_scheduler.config)
         text = encode_prompts(bundle.text_encoder, bundle.tokenizer, prompts, device=self.device)
-        negative = encode_prompts(bundle.text_encoder, bundle.tokenizer, [cfg.negative_prompt] * len(prompts))
+        negative = encode_prompts(
+            bundle.text_encoder, bundle.tokenizer, [cfg.negative_prompt] * len(prompts), device=self.device
+        )
         factor = bundle.vae_scale_factor
         latent_size = (labels.shape[-2] // factor, labels.shape[-1] // factor)
         noise = self._noise(seeds, (bundle.unet.config.in_channels, *latent_size)).to(self.device, text.dtype)
@@ -163,7 +167,7 @@ class Validator:
                 end = start + self.config.batch_size
                 labels = self.labels[start:end].to(self.device)
                 with autocast() if autocast is not None else contextlib.nullcontext():
-                    batch = self._sample(labels, self.prompts[start:end], self.seeds[start:end]).float()
+                    batch = self.sample(labels, self.prompts[start:end], self.seeds[start:end]).float()
                     if self.segmenter is not None:
                         with torch.no_grad():
                             logits = self.segmenter(batch * 2 - 1, size=labels.shape[-2:])

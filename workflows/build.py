@@ -10,7 +10,9 @@ Run from a checkout with the package installed (``pip install -e .``)::
 How the UI form is derived (ComfyUI frontend rules, workflow ``version`` 0.4): a node's ``inputs`` are its socket
 inputs (required, then optional, as in ``/object_info``), its ``widgets_values`` the widget inputs in the same
 order, with the extra value the frontend stores after an INT with ``control_after_generate`` ("fixed") and after an
-``image_upload`` combo ("image"). Links are ``[id, from_node, from_slot, to_node, to_slot, type]``. Node specs come
+``image_upload`` combo ("image"). A widget fed by another node's output (``g.add(..., name=node.out(...))``) is
+listed after the sockets as a converted widget (``"widget": {"name": ...}``, its value kept in ``widgets_values``).
+Links are ``[id, from_node, from_slot, to_node, to_slot, type]``. Node specs come
 from our schemas (through the ComfyUI stand-in in ``tests/comfy_stub``) and, for ComfyUI's own nodes, from
 ``tests/data/comfy_core_nodes.json`` (read from ComfyUI 0.8.0's node definitions by ``--core-nodes``).
 """
@@ -211,6 +213,11 @@ def write_core_nodes(comfy_root: str | Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- graphs
+def _is_link(value: Any) -> bool:
+    """Whether a value given to `Graph.add` is another node's output (``node.out(name)``)."""
+    return isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], Node)
+
+
 @dataclass
 class Node:
     id: int
@@ -243,9 +250,9 @@ class Graph:
         for key, value in values.items():
             if key not in names:
                 raise KeyError(f"{type_} has no input {key!r}; it has {list(names)}")
-            if names[key]["widget"]:
+            if names[key]["widget"] and not _is_link(value):
                 node.widgets[key] = value
-            else:
+            else:  # a socket, or a widget fed by a link (the widget keeps its default value in the UI form)
                 node.links_in[key] = value
         for inp in spec["inputs"]:
             if inp["widget"] and inp["name"] not in node.widgets:
@@ -294,6 +301,13 @@ class Graph:
         return pos
 
     # -------------------------------------------------------------- forms
+    @staticmethod
+    def _ui_inputs(node: Node) -> list[dict]:
+        """A UI node's ``inputs``: its sockets, then the widgets fed by a link (the frontend's converted widgets)."""
+        sockets = [i for i in node.spec["inputs"] if not i["widget"]]
+        linked = [i for i in node.spec["inputs"] if i["widget"] and i["name"] in node.links_in]
+        return sockets + linked
+
     def _widget_values(self, node: Node) -> list:
         values = []
         for inp in node.spec["inputs"]:
@@ -309,8 +323,7 @@ class Graph:
     def ui(self) -> dict:
         links, link_ids = [], {}
         for node in self.nodes:
-            sockets = [i for i in node.spec["inputs"] if not i["widget"]]
-            for slot, inp in enumerate(sockets):
+            for slot, inp in enumerate(self._ui_inputs(node)):
                 if inp["name"] in node.links_in:
                     src, out_slot = node.links_in[inp["name"]]
                     link_id = len(links) + 1
@@ -320,7 +333,6 @@ class Graph:
         order = {n.id: i for i, n in enumerate(sorted(self.nodes, key=lambda n: (depth[n.id], n.id)))}
         nodes = []
         for node in self.nodes:
-            sockets = [i for i in node.spec["inputs"] if not i["widget"]]
             outputs = []
             for slot, out in enumerate(node.spec["outputs"]):
                 used = [lk[0] for lk in links if lk[1] == node.id and lk[2] == slot]
@@ -334,7 +346,9 @@ class Graph:
                 "order": order[node.id],
                 "mode": 0,
                 "inputs": [
-                    {"name": i["name"], "type": i["type"], "link": link_ids.get((node.id, i["name"]))} for i in sockets
+                    {"name": i["name"], "type": i["type"], "link": link_ids.get((node.id, i["name"]))}
+                    | ({"widget": {"name": i["name"]}} if i["widget"] else {})
+                    for i in self._ui_inputs(node)
                 ],
                 "outputs": outputs,
                 "properties": {"Node name for S&R": node.type},
@@ -359,11 +373,11 @@ class Graph:
         for node in self.nodes:
             inputs: dict[str, Any] = {}
             for inp in node.spec["inputs"]:
-                if inp["widget"]:
-                    inputs[inp["name"]] = node.widgets[inp["name"]]
-                elif inp["name"] in node.links_in:
+                if inp["name"] in node.links_in:
                     src, slot = node.links_in[inp["name"]]
                     inputs[inp["name"]] = [str(src.id), slot]
+                elif inp["widget"]:
+                    inputs[inp["name"]] = node.widgets[inp["name"]]
             prompt[str(node.id)] = {
                 "class_type": node.type,
                 "inputs": inputs,
@@ -613,12 +627,45 @@ def batch_domains(specs) -> Graph:
     return g
 
 
+def toy_world(specs) -> Graph:
+    g = Graph(
+        "06_toy_world_end_to_end",
+        "The toy world end to end (CPU, no downloads)",
+        "The toy world's tiny models shipped with the pack: a held-out toy street scene as a label map, an image "
+        "generated from it and a prompt on the CPU (add a toy ControlNet from l2i-demo in the loader to follow the "
+        "layout), saved, and scored by the toy evaluation segmenter (mIoU, error map).",
+        specs,
+    )
+    world = g.add("L2IToyWorldLoader")
+    scene = g.add("L2IToySceneLabelMap", seed=0, index=1_000_000, size=128, batch_size=1, domain="night")
+    g.add("L2IPreviewLabelMap", label_map=scene.out("label_map"))
+    image = g.add(
+        "L2IToyGenerate",
+        toy_world=world.out("toy_world"),
+        label_map=scene.out("label_map"),
+        prompt="a city street at night with two cars and a tree",
+        steps=25,
+        cfg=3.0,
+        seed=7,
+    )
+    g.add("SaveImage", images=image.out("image"), filename_prefix="l2i/toy_world")
+    score = g.add(
+        "L2ILayoutAlignment",
+        image=image.out("image"),
+        label_map=scene.out("label_map"),
+        segmenter_path=world.out("segmenter_path"),
+    )
+    g.add("PreviewImage", title="Layout errors (red = wrong class)", images=score.out("error_map"))
+    return g
+
+
 BUILDERS: tuple[Callable[[dict], Graph], ...] = (
     aldm_colour_map,
     aldm_native_class_embeddings,
     sdm_lora_spade,
     combined_layout_guidance,
     batch_domains,
+    toy_world,
 )
 
 

@@ -7,6 +7,9 @@ Typical use::
     with spade_layout(unet, layout):               # layout (B, C_m, H, W) float
         eps = unet(latents, t, encoder_hidden_states=text).sample
     unpatch_unet(unet)                             # original GroupNorm objects back
+
+On an ldm UNet (ComfyUI, A1111, Forge) the sites are found with ``ldm_site_paths``, the layout is encoded per
+feature size by ``SPADELayoutEncoder`` and ``LdmSPADEPatch`` patches the GroupNorms in place (A1111 extension).
 """
 
 from .adapter import SPADEAdapter
@@ -18,6 +21,8 @@ from .context import (
     SPADELayoutError,
     expand_layout_batch,
 )
+from .encoding import SPADE_LAYOUT_ENCODINGS, SPADELayoutEncoder
+from .ldm import LdmSiteError, LdmSPADEPatch, ldm_site_paths, schedule_fraction, tile_layout_rows
 from .module import (
     SPADE,
     SPADEGroupNorm,
@@ -44,9 +49,13 @@ __all__ = [
     "CFG_UNCOND_COND",
     "CHUNK_KINDS",
     "SPADE",
+    "SPADE_LAYOUT_ENCODINGS",
+    "LdmSPADEPatch",
+    "LdmSiteError",
     "SPADEAdapter",
     "SPADEGroupNorm",
     "SPADELayoutContext",
+    "SPADELayoutEncoder",
     "SPADELayoutError",
     "SPADEModulation",
     "SPADEPatchError",
@@ -58,11 +67,14 @@ __all__ = [
     "get_spade_adapter",
     "get_spade_context",
     "is_spade_patched",
+    "ldm_site_paths",
     "patch_unet",
     "resize_layout",
+    "schedule_fraction",
     "set_spade_layout",
     "site_key",
     "spade_group_norm",
     "spade_layout",
+    "tile_layout_rows",
     "unpatch_unet",
 ]

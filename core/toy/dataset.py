@@ -198,6 +198,7 @@ def write_dataset(
     domains: Sequence[str] = DOMAINS,
     preview_rows: int = 8,
     overwrite: bool = False,
+    start: int = 0,
 ) -> ToyDatasetSummary:
     """Generate `num` toy samples into a dataset folder (layout in the module docstring).
 
@@ -210,6 +211,8 @@ def write_dataset(
         preview_rows (`int`, optional, defaults to 8): rows of the preview grids; 0 writes none.
         overwrite (`bool`, optional, defaults to False): replace a toy dataset already in `out_dir` (its
             ``toy_*.png`` files are deleted first); without it, an existing dataset is an error.
+        start (`int`, optional, defaults to 0): index of the first sample; sample ``i`` depends on ``(seed, i)``
+            only, so disjoint index ranges of one seed are disjoint splits.
 
     Returns:
         `ToyDatasetSummary`.
@@ -220,7 +223,9 @@ def write_dataset(
         raise ValueError(f"seed must be non-negative, got {seed}")
     if int(preview_rows) < 0:
         raise ValueError(f"preview_rows must be non-negative, got {preview_rows}")
-    num, seed, preview_rows = int(num), int(seed), int(preview_rows)
+    if int(start) < 0:
+        raise ValueError(f"start must be non-negative, got {start}")
+    num, seed, preview_rows, start = int(num), int(seed), int(preview_rows), int(start)
     domains = check_domains(domains)
     h, w = normalize_size(size)
     label_set = toy_label_set()
@@ -244,7 +249,7 @@ def write_dataset(
     domain_counts = dict.fromkeys(domains, 0)
     shown: list[ToySample] = []
     with open(captions_path, "w", encoding="utf-8") as captions:
-        for sample in iter_samples(num, seed, (h, w), domains):
+        for sample in iter_samples(num, seed, (h, w), domains, start=start):
             _save_rgb(images_dir / f"{sample.stem}.png", sample.image)
             save_label_map(labels_dir / f"{sample.stem}.png", sample.labels, label_set)
             record = {"file": f"{sample.stem}.png", "caption": sample.caption, "domain": sample.domain}
@@ -275,7 +280,7 @@ def write_dataset(
         grid = preview_grid([s.labels for s in shown], label_set, [s.image for s in shown])
         summary.preview = root / "preview.png"
         _save_rgb(summary.preview, grid)
-        rows = list(range(min(preview_rows, 4, num)))
+        rows = list(range(start, start + min(preview_rows, 4, num)))
         summary.domain_preview = root / "preview_domains.png"
         _save_rgb(summary.domain_preview, domain_preview(rows, seed, (h, w), domains, label_set))
     logger.info("wrote %d toy samples (%dx%d, seed %d) to %s", num, h, w, seed, root)

@@ -1,0 +1,392 @@
+"""The toy-world demo: train an ALDM ControlNet on the shipped toy base models and show that it learned the layout.
+
+`run_demo` (command: ``l2i-demo``) is the README's main job. On a 2-core CPU, in about five minutes, it
+
+1. writes a toy dataset (``<out>/data/train``: ``num_train`` scenes; ``<out>/data/val``: ``num_val`` scenes from
+   the index range the evaluation segmenter never saw);
+2. trains a ControlNet with the ``toy`` preset (ALDM: segmenter discriminator + unrolling; ``adversarial=False``
+   gives the plain diffusion loss) on ``builtin:toy``, validating before the first step and after the last;
+3. samples the validation layouts once per domain word (same layouts, wording and noise; only the word differs)
+   and measures the images (`core.toy.image_stats`) and the evaluation segmenter's mIoU on them;
+4. writes ``grid.png`` (layout | sample | segmentation of the sample, after training), ``grid_before.png``,
+   ``domains.png``, ``summary.json`` and the exported adapter (``<out>/run/export``).
+
+`run_comparison` (``l2i-demo --compare``) trains a plain and an ALDM ControlNet with the same steps, data and
+seeds for several seeds and tabulates mIoU, the domain-word effect and the time per step.
+
+The layout mIoU is always measured with the toy world's evaluation segmenter (``weights/toy/segmenter``), never
+with the discriminator or its initialisation (``weights/toy/discriminator_init``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..core.logging import get_logger
+from ..core.metrics import MeanIoU
+from ..core.toy import DOMAINS, image_stats, write_dataset
+from .toy_base import domain_prompts
+
+__all__ = [
+    "VAL_START",
+    "ComparisonResult",
+    "DemoResult",
+    "comparison_markdown",
+    "demo_config",
+    "prepare_demo_data",
+    "run_comparison",
+    "run_demo",
+]
+
+logger = get_logger(__name__)
+
+#: First index of the demo's validation scenes: the toy base's held-out range (its segmenters never saw them).
+VAL_START = 1_000_000
+
+_DATA_SEED = 0
+
+
+@dataclass
+class DemoResult:
+    """What one demo run measured (also in ``summary.json``).
+
+    Args:
+        out (`Path`): the demo folder.
+        adversarial (`bool`): ALDM (True) or the plain diffusion loss (False).
+        seed (`int`): training seed.
+        steps (`int`): optimizer steps.
+        miou_before (`float`): evaluation mIoU of the validation samples before training (zero-initialised
+            ControlNet = the base model, which ignores the layout).
+        miou_after (`float`): the same after training.
+        miou_domains (`float`): mIoU over the samples of every domain word after training.
+        miou_curve (`list`): ``[step, mIoU]`` of every validation (``validation.every`` sets the spacing).
+        domain_stats (`dict`): per domain word, `ImageStats` of the samples after training.
+        night_minus_day_brightness (`float`): the domain-word effect after training.
+        seconds_per_step (`float`): median wall time of a training step.
+        train_seconds (`float`): wall time of the whole training run (steps, validations, export).
+        seconds (`float`): wall time of the demo.
+        files (`dict`): what was written, by name.
+    """
+
+    out: Path
+    adversarial: bool
+    seed: int
+    steps: int
+    miou_before: float
+    miou_after: float
+    miou_domains: float
+    miou_curve: list[list[float]]
+    domain_stats: dict[str, dict[str, float]]
+    night_minus_day_brightness: float
+    seconds_per_step: float
+    train_seconds: float
+    seconds: float
+    files: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["out"] = str(self.out)
+        return data
+
+
+def prepare_demo_data(root: str | os.PathLike, num_train: int, num_val: int, size: int = 128) -> Path:
+    """Write (or reuse, when already complete) the demo dataset under ``root``: ``train/`` and ``val/``."""
+    root = Path(root)
+    for split, num, start in (("train", num_train, 0), ("val", num_val, VAL_START)):
+        folder = root / split
+        marker = folder / "l2i-demo.json"
+        wanted = {"num": num, "start": start, "seed": _DATA_SEED, "size": size}
+        if marker.is_file() and json.loads(marker.read_text()) == wanted:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        write_dataset(folder, num, seed=_DATA_SEED, size=size, start=start, preview_rows=0)
+        marker.write_text(json.dumps(wanted) + "\n")
+    return root
+
+
+def demo_config(
+    data_root: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    steps: int | None = None,
+    seed: int = 0,
+    adversarial: bool = True,
+    num_val: int = 16,
+    base: str = "builtin:toy",
+    overrides: tuple[str, ...] = (),
+):
+    """The trainer `Config` of a demo run: the ``toy`` preset on `base` with the demo's data and validation."""
+    from .config import load_config
+
+    extra = {
+        "model": {"pretrained": base},
+        "data": {"root": str(data_root), "split": "train", "val_split": "val"},
+        "train": {"output_dir": str(output), "seed": int(seed)},
+        "adversarial": {"enabled": bool(adversarial)},
+        "validation": {"at_start": True, "at_end": True, "num_images": int(num_val)},
+    }
+    if steps is not None:
+        extra["train"]["steps"] = int(steps)
+    if base != "builtin:toy":  # a custom base brings its own segmenters next to it, or none
+        extra["discriminator"] = {"pretrained": None, "tiny": True}
+        extra["validation"]["segmenter"] = None
+    return load_config("toy", (), overrides, extra)
+
+
+@torch.no_grad()
+def _domain_samples(trainer, num: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Sample the validation layouts once per domain word; returns images per word and their figures."""
+    validator = trainer.validator
+    labels = validator.labels[:num]
+    size = int(labels.shape[-1])
+    prompts = domain_prompts(len(labels), _DATA_SEED, size, start=VAL_START)
+    n = trainer.models.label_set.num_classes
+    metric = MeanIoU(n, trainer.models.label_set.ignore_index)
+    images: dict[str, np.ndarray] = {}
+    figures: dict[str, Any] = {}
+    adapter = trainer.models.adapter
+    was_training = adapter.training
+    adapter.eval()
+    try:
+        for domain in DOMAINS:
+            batches = []
+            for lo in range(0, len(labels), validator.config.batch_size):
+                hi = lo + validator.config.batch_size
+                batch_labels = labels[lo:hi].to(trainer.device)
+                out = validator.sample(batch_labels, prompts[domain][lo:hi], validator.seeds[lo:hi]).float()
+                if validator.segmenter is not None:
+                    logits = validator.segmenter(out * 2 - 1, size=batch_labels.shape[-2:])
+                    metric.update(logits[:, :n].argmax(1), batch_labels)
+                batches.append(out.cpu())
+            array = (torch.cat(batches).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+            images[domain] = array
+            figures[domain] = {k: round(v, 4) for k, v in image_stats(array).as_dict().items()}
+    finally:
+        adapter.train(was_training)
+    figures["miou"] = metric.compute().miou if validator.segmenter is not None else float("nan")
+    return images, figures
+
+
+def _domain_grid(labels: np.ndarray, images: dict[str, np.ndarray], label_set, pad: int = 2) -> np.ndarray:
+    """Rows: validation layouts; columns: the layout, then one sample per domain word."""
+    from ..core.labels import colorize
+
+    rows, (h, w) = len(labels), labels.shape[-2:]
+    cols = 1 + len(images)
+    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), 255, dtype=np.uint8)
+    for r in range(rows):
+        tiles = [colorize(labels[r], label_set)] + [images[d][r] for d in images]
+        for c, tile in enumerate(tiles):
+            y, x = pad + r * (h + pad), pad + c * (w + pad)
+            grid[y : y + h, x : x + w] = tile
+    return grid
+
+
+def _save_png(path: Path, array: np.ndarray) -> None:
+    from PIL import Image
+
+    Image.fromarray(array).save(path)
+
+
+def run_demo(
+    out: str | os.PathLike,
+    *,
+    steps: int | None = None,
+    seed: int = 0,
+    adversarial: bool = True,
+    num_train: int = 512,
+    num_val: int = 16,
+    threads: int | None = 2,
+    overrides: tuple[str, ...] = (),
+    data_root: str | os.PathLike | None = None,
+    base: str = "builtin:toy",
+) -> DemoResult:
+    """Train one toy ControlNet and measure it (see the module docstring).
+
+    Args:
+        out (`str` or `os.PathLike`): the demo folder (created; the training run goes to ``out/run``).
+        steps (`int`, *optional*): optimizer steps (default: the ``toy`` preset's).
+        seed (`int`, defaults to 0): training seed (the data and validation noise do not depend on it).
+        adversarial (`bool`, defaults to True): ALDM; False trains with the diffusion loss only.
+        num_train (`int`, defaults to 512): training scenes. num_val (`int`, defaults to 16): validation scenes.
+        threads (`int`, *optional*, defaults to 2): torch CPU threads (restored afterwards); None keeps them.
+        overrides (`tuple[str, ...]`): extra ``key=value`` trainer settings.
+        data_root (`str`, *optional*): dataset folder to write/reuse (default ``out/data``).
+        base (`str`, defaults to ``"builtin:toy"``): the base model (another folder: no segmenters, no mIoU).
+
+    Returns:
+        `DemoResult` (also written to ``out/summary.json``).
+    """
+    from .loop import Trainer
+
+    start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        data = prepare_demo_data(data_root or out / "data", num_train, num_val)
+        run_dir = out / "run"
+        shutil.rmtree(run_dir, ignore_errors=True)  # a demo starts fresh (l2i-train --resume is for long runs)
+        config = demo_config(
+            data,
+            run_dir,
+            steps=steps,
+            seed=seed,
+            adversarial=adversarial,
+            num_val=num_val,
+            base=base,
+            overrides=overrides,
+        )
+        trainer = Trainer(config)
+        t = time.perf_counter()
+        result = trainer.run()
+        train_seconds = time.perf_counter() - t
+        before, after = result.validations[0], result.validations[-1]
+        # 8 layouts x 4 words: enough for the brightness figures, and a fifth of the demo's time at 16.
+        num_domain = min(num_val, 8)
+        images, figures = _domain_samples(trainer, num_domain)
+        label_set = trainer.models.label_set
+        files = {
+            "grid": out / "grid.png",
+            "grid_before": out / "grid_before.png",
+            "domains": out / "domains.png",
+            "summary": out / "summary.json",
+            "export": result.export.folder if result.export else run_dir / "export",
+            "run": run_dir,
+        }
+        _save_png(files["grid"], after.grid)
+        _save_png(files["grid_before"], before.grid)
+        _save_png(files["domains"], _domain_grid(trainer.validator.labels[:num_domain].numpy(), images, label_set))
+        step_times = [h.seconds for h in result.history]
+        demo = DemoResult(
+            out=out,
+            adversarial=adversarial,
+            seed=seed,
+            steps=result.steps_done,
+            miou_before=_round(before.miou),
+            miou_after=_round(after.miou),
+            miou_domains=_round(figures.pop("miou")),
+            miou_curve=[[int(v.folder.name.rsplit("_", 1)[-1]), _round(v.miou)] for v in result.validations],
+            domain_stats=figures,
+            night_minus_day_brightness=round(figures["night"]["brightness"] - figures["day"]["brightness"], 4),
+            seconds_per_step=round(float(np.median(step_times)), 4) if step_times else float("nan"),
+            train_seconds=round(train_seconds, 1),
+            seconds=round(time.perf_counter() - start, 1),
+            files={k: str(v) for k, v in files.items()},
+        )
+        files["summary"].write_text(json.dumps(demo.to_dict(), indent=2) + "\n")
+        return demo
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _round(value: float | None, digits: int = 4) -> float:
+    return float("nan") if value is None or math.isnan(value) else round(float(value), digits)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# plain vs ALDM
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ComparisonResult:
+    """Demo runs of both kinds over several seeds: ``runs[kind]`` lists `DemoResult` in seed order."""
+
+    runs: dict[str, list[DemoResult]]
+    seeds: list[int]
+    steps: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "seeds": self.seeds,
+            "steps": self.steps,
+            "runs": {k: [r.to_dict() for r in v] for k, v in self.runs.items()},
+        }
+
+
+def _mean_spread(values: list[float]) -> tuple[float, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+
+
+def comparison_markdown(comparison: ComparisonResult) -> str:
+    """The comparison as a Markdown table (mean ± sample standard deviation over seeds) plus the per-seed values."""
+    lines = [
+        f"{len(comparison.seeds)} seeds ({', '.join(map(str, comparison.seeds))}), {comparison.steps} steps each; "
+        "mean ± standard deviation over seeds.",
+        "",
+        "| ControlNet | mIoU before | mIoU after | mIoU, all domain words | night − day brightness | s/step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for kind, runs in comparison.runs.items():
+        cells = []
+        for key, digits in (
+            ("miou_before", 3),
+            ("miou_after", 3),
+            ("miou_domains", 3),
+            ("night_minus_day_brightness", 3),
+            ("seconds_per_step", 3),
+        ):
+            mean, spread = _mean_spread([getattr(r, key) for r in runs])
+            cells.append(f"{mean:.{digits}f} ± {spread:.{digits}f}")
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    lines += ["", "mIoU during training (mean over seeds):", ""]
+    for kind, runs in comparison.runs.items():
+        steps = [int(s) for s, _ in runs[0].miou_curve]
+        means = [float(np.mean([r.miou_curve[i][1] for r in runs])) for i in range(len(steps))]
+        lines.append(f"- {kind}: " + ", ".join(f"step {s} {m:.3f}" for s, m in zip(steps, means)))
+    lines += ["", "Per seed (mIoU after, all domain words):", ""]
+    for kind, runs in comparison.runs.items():
+        per_seed = ", ".join(f"seed {r.seed}: {r.miou_after:.3f} / {r.miou_domains:.3f}" for r in runs)
+        lines.append(f"- {kind}: {per_seed}")
+    return "\n".join(lines) + "\n"
+
+
+def run_comparison(
+    out: str | os.PathLike,
+    *,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    steps: int | None = None,
+    num_train: int = 512,
+    num_val: int = 16,
+    threads: int | None = 2,
+    overrides: tuple[str, ...] = (),
+) -> ComparisonResult:
+    """Train plain and ALDM ControlNets with the same data, steps and seeds; write ``comparison.{json,md}``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = prepare_demo_data(out / "data", num_train, num_val)
+    runs: dict[str, list[DemoResult]] = {"plain": [], "ALDM": []}
+    for seed in seeds:
+        for kind in runs:
+            logger.info("comparison: %s ControlNet, seed %d", kind, seed)
+            runs[kind].append(
+                run_demo(
+                    out / f"{kind.lower()}_seed{seed}",
+                    steps=steps,
+                    seed=seed,
+                    adversarial=kind == "ALDM",
+                    num_train=num_train,
+                    num_val=num_val,
+                    threads=threads,
+                    overrides=overrides,
+                    data_root=data,
+                )
+            )
+    comparison = ComparisonResult(runs, list(seeds), runs["plain"][0].steps)
+    (out / "comparison.json").write_text(json.dumps(comparison.to_dict(), indent=2) + "\n")
+    (out / "comparison.md").write_text(comparison_markdown(comparison))
+    return comparison
