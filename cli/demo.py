@@ -13,14 +13,9 @@ import logging
 import os
 import sys
 
+from ._args import add_set_option, positive_int
+
 __all__ = ["build_parser", "main"]
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,25 +25,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(about 5 minutes on a 2-core CPU).",
     )
     parser.add_argument("--out", default="l2i_demo", help="output folder (default: l2i_demo)")
-    parser.add_argument("--steps", type=_positive_int, help="training steps (default: the toy preset's)")
+    parser.add_argument("--steps", type=positive_int, help="training steps (default: the toy preset's)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
     parser.add_argument("--plain", action="store_true", help="plain diffusion loss instead of ALDM")
     parser.add_argument(
         "--compare", action="store_true", help="train plain and ALDM ControlNets over --seeds and print a table"
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of --compare (0 1 2)")
-    parser.add_argument("--num-train", type=_positive_int, default=512, help="training scenes (default: 512)")
-    parser.add_argument("--num-val", type=_positive_int, default=16, help="validation scenes (default: 16)")
+    parser.add_argument("--num-train", type=positive_int, default=512, help="training scenes (default: 512)")
+    parser.add_argument("--num-val", type=positive_int, default=16, help="validation scenes (default: 16)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2; 0 keeps torch's)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra trainer settings, e.g. --set optim.lr=2e-4",
-    )
+    add_set_option(parser, "extra trainer settings, e.g. --set optim.lr=2e-4")
     parser.add_argument("-v", "--verbose", action="store_true", help="log the trainer's progress")
     return parser
 

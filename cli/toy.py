@@ -13,30 +13,11 @@ import sys
 import time
 
 from ..core.toy import DOMAINS, check_domains, write_dataset
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number of at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {value}")
-    return value
+from ._args import non_negative_int, positive_int
 
 
 def _size(text: str) -> int:
-    value = _positive_int(text)
+    value = positive_int(text)
     if not 16 <= value <= 1024:
         raise argparse.ArgumentTypeError(f"expected an image size between 16 and 1024 pixels, got {value}")
     return value
@@ -57,12 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
         "preview.png and preview_domains.png.",
     )
     parser.add_argument("--out", required=True, help="dataset folder to write (created if missing)")
-    parser.add_argument("--num", type=_positive_int, default=100, help="number of samples (default: 100)")
+    parser.add_argument("--num", type=positive_int, default=100, help="number of samples (default: 100)")
     parser.add_argument("--size", type=_size, default=128, help="image size in pixels, 16..1024 (default: 128)")
-    parser.add_argument("--seed", type=_non_negative_int, default=0, help="dataset seed, >= 0 (default: 0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="dataset seed, >= 0 (default: 0)")
     parser.add_argument(
         "--start",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=0,
         help="index of the first sample (default: 0); disjoint index ranges of one seed are disjoint splits",
     )
@@ -73,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated domains, cycled over the samples (default: {','.join(DOMAINS)})",
     )
     parser.add_argument(
-        "--preview-rows", type=_non_negative_int, default=8, help="rows in preview.png; 0 writes no previews"
+        "--preview-rows", type=non_negative_int, default=8, help="rows in preview.png; 0 writes no previews"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a toy dataset already in --out")
     parser.add_argument("--quiet", action="store_true", help="print nothing on success")

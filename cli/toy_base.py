@@ -17,27 +17,9 @@ import os
 import shlex
 import sys
 
+from ._args import add_set_option, non_negative_int, positive_float
+
 __all__ = ["build_parser", "main", "summary_lines"]
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {value}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,21 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out", required=True, help="folder to write (e.g. weights/toy); created if missing")
     parser.add_argument(
-        "--minutes", type=_positive_float, default=30.0, help="wall-clock budget of the whole run (default: 30)"
+        "--minutes", type=positive_float, default=30.0, help="wall-clock budget of the whole run (default: 30)"
     )
-    parser.add_argument("--seed", type=_non_negative_int, default=0, help="seed of data and weights (default: 0)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of data and weights (default: 0)")
     parser.add_argument(
-        "--threads", type=_non_negative_int, default=2, help="torch CPU threads (default: 2; 0 keeps torch's choice)"
+        "--threads", type=non_negative_int, default=2, help="torch CPU threads (default: 2; 0 keeps torch's choice)"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a ToyBaseConfig field, e.g. --set noise_offset=0.05 unet_channels=[32,64,128]",
-    )
+    add_set_option(parser, "override a ToyBaseConfig field, e.g. --set noise_offset=0.05 unet_channels=[32,64,128]")
     parser.add_argument("--quiet", action="store_true", help="log warnings only (the summary is still printed)")
     return parser
 

@@ -20,6 +20,7 @@ import logging
 import sys
 
 from ..trainer.config import ConfigError, list_presets, load_config
+from ._args import add_set_option
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,15 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--resume", metavar="latest|DIR", help="resume from <output>/checkpoints/latest or a checkpoint folder"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override settings, e.g. --set train.steps=100 adversarial.num_unroll_steps=3",
-    )
+    add_set_option(parser, "override settings, e.g. --set train.steps=100 adversarial.num_unroll_steps=3")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors in the log")
     return parser
