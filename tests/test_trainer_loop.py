@@ -18,7 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from layout2image.core.labels import load_label_set
-from layout2image.trainer.build import build_generator_optimizer, is_bitsandbytes_available
+from layout2image.trainer.build import build_generator_optimizer, is_bitsandbytes_available, is_tensorboard_available
 from layout2image.trainer.checkpoint import list_checkpoints, prune_checkpoints
 from layout2image.trainer.config import OptimConfig, load_config
 from layout2image.trainer.loop import ResumableBatchSampler, Trainer
@@ -331,3 +331,20 @@ def test_missing_bitsandbytes_gives_a_pip_hint(monkeypatch):
     monkeypatch.setattr(build, "is_bitsandbytes_available", lambda: False)
     with pytest.raises(ImportError, match="pip install bitsandbytes"):
         build.build_generator_optimizer([torch.nn.Parameter(torch.zeros(2))], OptimConfig(optimizer="adamw8bit"))
+
+
+@pytest.mark.skipif(not is_tensorboard_available(), reason="tensorboard is not installed (the train extra has it)")
+def test_tensorboard_logs_losses_validation_and_the_config(tiny_world, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    settings = ("train.steps=2", "train.log_every=1", "train.tensorboard=true", "validation.at_end=true")
+    result = Trainer(_config(tiny_world, tmp_path / "run", *settings)).run()
+    assert result.steps_done == 2
+    events = sorted((tmp_path / "run" / "logs").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file written"
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"images": 0, "scalars": 0, "tensors": 0}).Reload()
+    scalars = acc.Tags()["scalars"]
+    assert {"train/loss", "train/lr"} <= set(scalars)
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
+    assert "validation" in acc.Tags()["images"]
+    assert any("config" in tag for tag in acc.Tags()["tensors"])  # the resolved config as text
