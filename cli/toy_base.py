@@ -64,7 +64,8 @@ def summary_lines(figures: dict, seconds: float, out: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the toy base training; returns the exit code (argparse exits with 2 on bad arguments)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.WARNING if args.quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         data = apply_overrides(ToyBaseConfig, {"seed": args.seed, "minutes": args.minutes}, args.overrides)
         config = build_dataclass(ToyBaseConfig, data)
     except (ConfigError, ValueError) as e:
-        build_parser().error(str(e))
+        parser.error(str(e))
     argv = sys.argv[1:] if argv is None else list(argv)
     command = shlex.join(["l2i-train", "--preset", "toy-base", *argv]).replace(" --out ", " --output ", 1)
     report = train_toy_base(

@@ -17,7 +17,7 @@ import torch
 from comfy_api.latest import io
 
 from ..core.labels import LabelSet
-from ..core.toy import DOMAINS, make_caption, make_label_map, make_scene, sample_rng, toy_label_set
+from ..core.toy import DOMAINS, HELDOUT_START, make_caption, make_label_map, make_scene, sample_rng, toy_label_set
 from ..core.toy.generate import (
     ToyModels,
     ToyWorldError,
@@ -257,7 +257,7 @@ class L2IToySceneLabelMap(io.ComfyNode):
             description=(
                 "The label map of toy scene (seed, index): a procedural street (sky, road, sidewalk, grass, "
                 "buildings, trees, cars, people) in the toy label set, plus its caption in a domain (day, night, "
-                "snow, fog). Scenes from index 1000000 on were never seen in training."
+                f"snow, fog). Scenes from index {HELDOUT_START} on were never seen in training."
             ),
             inputs=[
                 io.Int.Input(
@@ -269,12 +269,12 @@ class L2IToySceneLabelMap(io.ComfyNode):
                 ),
                 io.Int.Input(
                     "index",
-                    default=1_000_000,
+                    default=HELDOUT_START,
                     min=0,
                     max=2**31 - 1,
                     tooltip=(
                         "Scene number: (seed, index) alone fixes the scene. 0-2999 are training scenes of the toy "
-                        "base models, 1000000 and above held-out ones."
+                        f"base models, {HELDOUT_START} and above held-out ones."
                     ),
                 ),
                 io.Int.Input(
@@ -310,7 +310,7 @@ class L2IToySceneLabelMap(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, seed: int = 0, index: int = 1_000_000, size: int = 128, batch_size: int = 1, domain: str = "day"
+        cls, seed: int = 0, index: int = HELDOUT_START, size: int = 128, batch_size: int = 1, domain: str = "day"
     ) -> io.NodeOutput:
         if domain not in DOMAINS:
             raise ToyWorldError(f"`domain` {domain!r} is not a toy domain; use one of {list(DOMAINS)}")

@@ -13,6 +13,7 @@ from layout2image.cli.toy import main as toy_main
 from layout2image.core.labels import get_label_set, read_label_map
 from layout2image.core.toy import (
     DOMAINS,
+    HELDOUT_START,
     IGNORE_INDEX,
     TOY_CLASSES,
     image_stats,
@@ -206,6 +207,16 @@ def test_write_dataset(tmp_path):
     assert len(list((root / "images").glob("*.png"))) == 2
 
 
+def test_write_dataset_from_a_start_index(tmp_path):
+    root = tmp_path / "held_out"
+    write_dataset(root, 2, seed=2, size=32, preview_rows=0, start=HELDOUT_START)
+    lines = [json.loads(line) for line in (root / "captions.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in lines] == [f"toy_{HELDOUT_START + i:06d}.png" for i in range(2)]
+    assert [r["caption"] for r in lines] == [make_sample(HELDOUT_START + i, seed=2, size=32).caption for i in range(2)]
+    with pytest.raises(ValueError, match="start must be non-negative, got -1"):
+        write_dataset(tmp_path / "bad", 1, size=32, start=-1)
+
+
 def test_cli_runs(tmp_path, capsys):
     out = tmp_path / "toy"
     assert toy_main(["--out", str(out), "--num", "4", "--size", "32", "--seed", "1", "--domains", "night,fog"]) == 0
@@ -223,6 +234,7 @@ def test_cli_runs(tmp_path, capsys):
         ["--out", "X", "--num", "many"],
         ["--out", "X", "--size", "8"],
         ["--out", "X", "--seed", "-1"],
+        ["--out", "X", "--start", "-1"],
         ["--out", "X", "--domains", "day,rain"],
         ["--out", "X", "--domains", "day,day"],
     ],

@@ -170,7 +170,7 @@ def test_builtin_paths_resolve_or_fail_clearly():
         )
 
 
-def test_toy_base_preset_goes_to_the_toy_base_trainer(monkeypatch):
+def test_toy_base_preset_goes_to_the_toy_base_trainer(monkeypatch, capsys):
     from layout2image.cli import toy_base
     from layout2image.cli.train import _toy_base_argv
 
@@ -178,6 +178,9 @@ def test_toy_base_preset_goes_to_the_toy_base_trainer(monkeypatch):
     assert _toy_base_argv(["--preset", "toy-base", "--output", "w", "--minutes", "2", "--set", "seed=3"]) == [
         "--out", "w", "--minutes", "2", "--set", "seed=3"
     ]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_info:  # a ToyBaseConfig field that does not exist: exit 2, named
+        toy_base.main(["--out", "w", "--set", "unet_channelz=[8]"])
+    assert exit_info.value.code == 2 and "unet_channelz" in capsys.readouterr().err
     seen = []
     monkeypatch.setattr(toy_base, "main", lambda argv: seen.append(argv) or 0)
     assert train_main(["--preset", "toy-base", "--output", "w"]) == 0 and seen == [["--out", "w"]]

@@ -34,7 +34,7 @@ import torch
 
 from ..core.logging import get_logger
 from ..core.metrics import MeanIoU
-from ..core.toy import DOMAINS, image_stats, write_dataset
+from ..core.toy import DOMAINS, HELDOUT_START, image_stats, write_dataset
 from .toy_base import domain_prompts
 
 __all__ = [
@@ -51,7 +51,7 @@ __all__ = [
 logger = get_logger(__name__)
 
 #: First index of the demo's validation scenes: the toy base's held-out range (its segmenters never saw them).
-VAL_START = 1_000_000
+VAL_START = HELDOUT_START
 
 _DATA_SEED = 0
 

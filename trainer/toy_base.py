@@ -64,6 +64,7 @@ from ..core.metrics import MeanIoU
 from ..core.toy import (
     DOMAIN_PHRASES,
     DOMAINS,
+    HELDOUT_START,
     IGNORE_INDEX,
     TOY_CLASSES,
     image_stats,
@@ -122,7 +123,7 @@ IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 # Index offsets of the data splits (sample i of a toy dataset depends on (seed, i) only, so disjoint index ranges
 # are independent samples): training, held-out evaluation, discriminator-init training, discriminator-init held-out.
-_HELDOUT_START = 1_000_000
+_HELDOUT_START = HELDOUT_START
 _DISC_TRAIN_START = 2_000_000
 _DISC_HELDOUT_START = 3_000_000
 

@@ -636,8 +636,10 @@ def toy_world(specs) -> Graph:
         "layout), saved, and scored by the toy evaluation segmenter (mIoU, error map).",
         specs,
     )
+    from layout2image.core.toy import HELDOUT_START
+
     world = g.add("L2IToyWorldLoader")
-    scene = g.add("L2IToySceneLabelMap", seed=0, index=1_000_000, size=128, batch_size=1, domain="night")
+    scene = g.add("L2IToySceneLabelMap", seed=0, index=HELDOUT_START, size=128, batch_size=1, domain="night")
     g.add("L2IPreviewLabelMap", label_map=scene.out("label_map"))
     image = g.add(
         "L2IToyGenerate",

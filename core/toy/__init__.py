@@ -7,6 +7,7 @@ tiny models are trained on it, and the domain words (day, night, snow, fog) chan
 
 from .captions import DOMAIN_PHRASES, make_caption
 from .dataset import (
+    HELDOUT_START,
     ToyDatasetSummary,
     ToySample,
     check_domains,
@@ -32,6 +33,7 @@ from .scenes import (
 __all__ = [
     "DOMAINS",
     "DOMAIN_PHRASES",
+    "HELDOUT_START",
     "IGNORE_INDEX",
     "TOY_CLASSES",
     "ImageStats",

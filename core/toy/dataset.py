@@ -34,6 +34,10 @@ logger = get_logger(__name__)
 
 STEM_PREFIX = "toy_"
 
+#: First index of the held-out scenes: the toy base models train on indices below it (0..2999 for seed 0), their
+#: evaluation uses the range from here, and so do the demo's validation split and the ComfyUI toy nodes' default.
+HELDOUT_START = 1_000_000
+
 
 @dataclass
 class ToySample:
