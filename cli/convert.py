@@ -1,4 +1,4 @@
-"""``l2i-convert``: inspect weight files, convert ControlNets and LoRAs, import the official ALDM release.
+"""``l2i-convert``: inspect weight files, convert ControlNets and LoRAs, import the official ALDM and SDM releases.
 
 Examples::
 
@@ -8,6 +8,8 @@ Examples::
     l2i-convert import-aldm ade20k_step9.ckpt aldm_ade20k.safetensors --label-set ade20k \\
         --class-embeddings ade20k_class_embeddings.pth --null-embedding null_embedding.pth
     l2i-convert lora --to kohya pytorch_lora_weights.safetensors my_lora.safetensors --alpha 32
+    l2i-convert sdm ade20k_ema_0.9999_best.pt sdm_ade20k.safetensors --dtype fp16
+    l2i-convert sdm --to pt sdm_ade20k.safetensors sdm_ade20k.pt
 
 Targets of ``controlnet --to``: ``diffusers`` (one diffusers-layout safetensors: ComfyUI, Forge, diffusers
 ``from_single_file``), ``diffusers-folder`` (``config.json`` + weights: ``from_pretrained``), ``ldm`` (the original
@@ -18,6 +20,11 @@ Targets of ``lora --to``: ``kohya`` (``lora_unet_<ldm path>.lora_down/lora_up/al
 ``lora_adapter_metadata``). A PEFT input needs its ``lora_alpha``: from ``--alpha``, else the file's metadata. The
 UNet layout is ``--unet-config``, else the file's ``l2i.unet_config``, else SD 1.5. A SPADE companion
 (``*.spade.safetensors``) is not a LoRA and is never converted; copy it next to the output.
+
+``sdm`` converts a pixel-space SDM UNet between the official ``.pt`` state dict (what the released checkpoints and
+the official code use) and our ``.safetensors`` with metadata, in the direction the input's container implies
+(``--to`` forces one). The label set defaults to the official dataset whose label-channel count the file has
+(ADE20K 151, CelebAMask-HQ 20, COCO-Stuff 184, Cityscapes 36).
 
 Exit codes: 0 success, 1 the input is unreadable, unsafe or of an unknown format (the message says which and
 lists the known formats), 2 bad arguments.
@@ -35,6 +42,8 @@ _TARGETS = ("diffusers", "diffusers-folder", "ldm")
 # Equal to layout2image.weights.LORA_FORMATS (checked by the tests).
 _LORA_TARGETS = ("kohya", "peft")
 _DTYPES = ("fp16", "fp32", "keep")
+# Equal to layout2image.weights.SDM_TARGETS (checked by the tests).
+_SDM_TARGETS = ("pt", "safetensors")
 
 
 def _dtype(args):
@@ -115,6 +124,33 @@ def cmd_lora(args) -> int:
     return 0
 
 
+def cmd_sdm(args) -> int:
+    from ..core.labels import load_label_set
+    from ..core.sdm import SDMConditionSpec
+    from ..weights import convert_sdm_file
+
+    label_set = load_label_set(args.label_set) if args.label_set is not None else None
+    condition = None
+    if label_set is not None and (args.edges or args.unknown_channel):
+        condition = SDMConditionSpec(label_set.num_classes, unknown_channel=args.unknown_channel, edges=args.edges)
+    conv = convert_sdm_file(
+        args.input,
+        args.output,
+        to=args.to,
+        label_set=label_set,
+        condition=condition,
+        dtype=_dtype(args),
+        image_size=args.image_size,
+        num_head_channels=args.num_head_channels,
+    )
+    labels = conv.label_set.name if conv.label_set is not None else "not recorded"
+    print(
+        f"wrote {conv.path} (SDM UNet, {conv.to}, {conv.num_tensors} tensors, {conv.num_parameters:,} parameters, "
+        f"C_y {conv.config.label_channels}, label set {labels})"
+    )
+    return 0
+
+
 def _add_precision(p: argparse.ArgumentParser) -> None:
     p.add_argument("--half", action="store_true", help="write float16 tensors (same as --dtype fp16)")
     p.add_argument("--dtype", choices=_DTYPES, default="keep", help="tensor precision (default: keep)")
@@ -161,6 +197,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unet-config", type=Path, help="base UNet config.json or diffusers UNet folder (default: SD 1.5)")
     _add_precision(p)
     p.set_defaults(func=cmd_lora)
+
+    p = sub.add_parser("sdm", help="convert a pixel-space SDM UNet between the official .pt and safetensors")
+    p.add_argument("input", type=Path, help="official SDM .pt state dict, or an SDM .safetensors of ours")
+    p.add_argument("output", type=Path, help="output file")
+    p.add_argument("--to", choices=_SDM_TARGETS, help="output container (default: the other one than the input's)")
+    p.add_argument(
+        "--label-set", help="built-in label set name or YAML/JSON file (default: the official set fitting C_y)"
+    )
+    p.add_argument("--edges", action="store_true", help="with --label-set: y has an instance-edge channel last")
+    p.add_argument(
+        "--unknown-channel", action="store_true", help="with --label-set: ignore pixels get their own y channel"
+    )
+    p.add_argument("--image-size", type=int, help="training image size of a .pt (default 256; sets no shape)")
+    p.add_argument("--num-head-channels", type=int, help="attention head width of a .pt (default 64; sets no shape)")
+    _add_precision(p)
+    p.set_defaults(func=cmd_sdm)
     return parser
 
 
@@ -175,6 +227,13 @@ def main(argv: list[str] | None = None) -> int:
         _check_output(parser, args, args.input, args.output)
         if args.alpha is not None and not args.alpha > 0:
             parser.error(f"--alpha {args.alpha}: must be a positive number")
+    elif args.command == "sdm":
+        _check_output(parser, args, args.input, args.output)
+        if (args.edges or args.unknown_channel) and args.label_set is None:
+            parser.error("--edges and --unknown-channel describe a --label-set; pass one")
+        for flag, value in (("--image-size", args.image_size), ("--num-head-channels", args.num_head_channels)):
+            if value is not None and value < 1:
+                parser.error(f"{flag} {value}: must be a positive integer")
     from ..core.errors import LabelSetError
     from ..weights import WeightsError
 

@@ -1,5 +1,6 @@
 """File formats: ControlNet diffusers <-> ldm conversion, official ALDM import, LoRA PEFT <-> kohya conversion with a
-ComfyUI/A1111 naming checker, SDM-LoRA files (LoRA + SPADE companion), metadata, safe loading, inspection.
+ComfyUI/A1111 naming checker, SDM-LoRA files (LoRA + SPADE companion), pixel-space SDM UNets (official .pt <->
+safetensors), metadata, safe loading, inspection.
 
 Typical use, with these names imported from this package::
 
@@ -7,6 +8,8 @@ Typical use, with these names imported from this package::
     model = controlnet_from_file("my_cn.safetensors", label_set=label_set)                # checks the metadata
     save_sdm_lora(unet, "my_sdm.safetensors", label_set)       # my_sdm.safetensors + my_sdm.spade.safetensors
     assert check_lora_file("my_sdm.safetensors").ok              # every key loads in ComfyUI and A1111
+    unet = sdm_from_file("sdm_ade20k.pt")                     # the official release, strict load
+    convert_sdm_file("sdm_ade20k.pt", "sdm_ade20k.safetensors", dtype=torch.float16)
     print(inspect_weights("unknown.ckpt").to_text())
 """
 
@@ -90,6 +93,23 @@ from .safe_load import (
     read_safetensors_header,
     sniff_file_format,
 )
+from .sdm_file import (
+    SDM_OFFICIAL_SOURCE,
+    SDM_TARGETS,
+    SDMConversion,
+    SDMFile,
+    SDMFormatError,
+    SDMKeyMismatchError,
+    check_sdm_state_dict,
+    convert_sdm_file,
+    expected_sdm_shapes,
+    infer_sdm_config,
+    is_sdm_state_dict,
+    load_sdm_file,
+    save_sdm_file,
+    save_sdm_pt,
+    sdm_from_file,
+)
 from .spade_file import (
     SPADE_ENCODINGS,
     SPADE_SUFFIX,
@@ -117,6 +137,8 @@ __all__ = [
     "LDM_PREFIX",
     "LORA_CHECK_VERDICTS",
     "LORA_FORMATS",
+    "SDM_OFFICIAL_SOURCE",
+    "SDM_TARGETS",
     "SPADE_ENCODINGS",
     "SPADE_SUFFIX",
     "ALDMImport",
@@ -134,6 +156,10 @@ __all__ = [
     "LoraKeyCheck",
     "LoraSummary",
     "MetadataError",
+    "SDMConversion",
+    "SDMFile",
+    "SDMFormatError",
+    "SDMKeyMismatchError",
     "SDMLoraFiles",
     "SPADEFile",
     "SPADESiteMismatchError",
@@ -147,6 +173,7 @@ __all__ = [
     "cast_state_dict",
     "check_lora_file",
     "check_lora_state_dict",
+    "check_sdm_state_dict",
     "controlnet_config_of",
     "controlnet_from_file",
     "controlnet_key_map",
@@ -154,14 +181,18 @@ __all__ = [
     "convert_controlnet_state_dict",
     "convert_lora_file",
     "convert_lora_state_dict",
+    "convert_sdm_file",
     "describe_label_set",
     "detect_controlnet_format",
     "detect_lora_format",
+    "expected_sdm_shapes",
     "extract_controlnet_state_dict",
     "has_l2i_metadata",
     "import_aldm_checkpoint",
     "infer_controlnet_config",
+    "infer_sdm_config",
     "inspect_weights",
+    "is_sdm_state_dict",
     "kohya_module_name",
     "load_class_embedding_table",
     "load_companion_table",
@@ -169,6 +200,7 @@ __all__ = [
     "load_lora_file",
     "load_official_class_embeddings",
     "load_safetensors",
+    "load_sdm_file",
     "load_sdm_lora",
     "load_spade_file",
     "load_torch_file",
@@ -180,9 +212,12 @@ __all__ = [
     "save_controlnet",
     "save_controlnet_file",
     "save_lora_file",
+    "save_sdm_file",
     "save_sdm_lora",
+    "save_sdm_pt",
     "save_spade_file",
     "sd15_unet_config",
+    "sdm_from_file",
     "sniff_file_format",
     "spade_path_for",
     "summarize_lora",

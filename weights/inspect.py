@@ -3,9 +3,9 @@
 `inspect_weights` reads headers only where it can (safetensors headers; torch files through a memory map, whose
 tensor data is never touched), so inspecting a 5.7 GB checkpoint is quick and costs no RAM. The kind comes from
 our ``l2i.*`` metadata when present and otherwise from key signatures (`detect_controlnet_format`,
-`detect_lora_format`, the SPADE adapter's ``sites.*.sem_*`` keys), never from the file name. For kohya LoRA files
-the ``.alpha`` scalars are read too, and the UNet keys are run through `check_lora_state_dict` (ComfyUI's and
-A1111's naming rules) when the UNet layout is known (``l2i.unet_config``, or SD 1.5 when every module fits it).
+`detect_lora_format`, the SPADE adapter's ``sites.*.sem_*`` keys, `is_sdm_state_dict` for pixel-space SDM
+UNets), never from the file name. For kohya LoRA files the ``.alpha`` scalars are read too, and the UNet keys are
+run through `check_lora_state_dict` (ComfyUI's and A1111's naming rules) when the UNet layout is known (``l2i.unet_config``, or SD 1.5 when every module fits it).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from .safe_load import (
     read_safetensors_header,
     sniff_file_format,
 )
+from .sdm_file import SDMFormatError, infer_sdm_config, is_sdm_state_dict
 
 __all__ = ["KNOWN_KINDS", "FileReport", "inspect_weights"]
 
@@ -50,6 +51,7 @@ KNOWN_KINDS = (
 
 _LAYOUT2IMAGE = "layout2image (weights.controlnet_from_file, core.controlnet.load_controlnet, the L2I ComfyUI nodes)"
 _LAYOUT2IMAGE_SDM = "layout2image (weights.load_sdm_lora with its <name>.spade.safetensors companion, the L2I nodes)"
+_LAYOUT2IMAGE_PIXEL_SDM = "layout2image (weights.sdm_from_file / load_sdm_file, core.sdm.SDMUNet)"
 _SPADE_KEY = re.compile(r"sites\.[^.]+\.sem_(shared|gamma|beta)\.(weight|bias)")
 _LONG_FIELDS = ("config", "unet_config")
 _KOHYA_BLOCK = re.compile(r"(lora_unet_(?:input_blocks_\d+|output_blocks_\d+|middle_block|time_embed|out))_")
@@ -270,6 +272,40 @@ def _spade_report(infos: Mapping[str, TensorInfo], metadata) -> dict[str, Any] |
     return dict(kind="spade", summary=summary, loaders=(_LAYOUT2IMAGE_SDM,), notes=notes)
 
 
+def _sdm_report(infos: Mapping[str, TensorInfo], container: str, metadata) -> dict[str, Any] | None:
+    """kind/summary/loaders/notes for a pixel-space SDM UNet (official .pt or ours), or None for other keys."""
+    if not is_sdm_state_dict(infos):
+        return None
+    from ..core.sdm import SDM_CONDITIONS
+
+    notes: list[str] = []
+    try:
+        cfg = infer_sdm_config(infos)
+    except SDMFormatError as e:
+        return dict(kind="sdm", summary="SDM UNet with an inconsistent layout", loaders=(), notes=[str(e)])
+    official = [n for n, spec in SDM_CONDITIONS.items() if spec.channels == cfg.label_channels]
+    summary = (
+        f"pixel-space SDM UNet (Semantic Diffusion Model): C_y {cfg.label_channels} label channels, "
+        f"{cfg.model_channels} channels x {list(cfg.channel_mult)}, {cfg.num_res_blocks} resblocks per level, "
+        f"{'learned variance (6 outputs)' if cfg.learn_sigma else 'fixed variance'}"
+    )
+    if official and metadata is None:
+        summary += f"; the official {official[0]} layout"
+    if container == "safetensors":
+        loaders: tuple[str, ...] = (_LAYOUT2IMAGE_PIXEL_SDM,)
+        notes.append("the official code reads .pt state dicts: l2i-convert sdm --to pt IN OUT")
+    else:
+        loaders = (
+            "the official semantic-diffusion-model code (image_sample.py --model_path FILE, same flags as training)",
+            _LAYOUT2IMAGE_PIXEL_SDM,
+        )
+        notes.append(
+            "convert to safetensors with label-set metadata: l2i-convert sdm IN OUT.safetensors [--label-set NAME]"
+        )
+    notes.append("not an SD/ldm UNet: stock ComfyUI/A1111 loaders cannot use it")
+    return dict(kind="sdm", summary=summary, loaders=loaders, notes=notes)
+
+
 def _report(
     path: Path, container: str, infos: Mapping[str, TensorInfo], raw: Mapping[str, str], notes=(), alphas=None
 ):
@@ -288,6 +324,9 @@ def _report(
         raw_metadata=dict(raw),
     )
     notes = list(notes)
+    found = _sdm_report(infos, container, metadata)
+    if found is not None:
+        return FileReport(**{**common, **found, "notes": tuple(notes + list(found["notes"]))})
     folder = container == "diffusers-folder"
     try:
         fmt = detect_controlnet_format(infos)
@@ -324,7 +363,8 @@ def _report(
     notes.append(
         "no known signature: known kinds are ControlNets (diffusers or ldm layout, standard/one-hot/ALDM hint "
         "blocks), ControlLDM checkpoints holding control_model.*, UNet LoRAs (kohya or PEFT naming), SPADE "
-        "companions (sites.*.sem_*), and layout2image files with l2i.* metadata"
+        "companions (sites.*.sem_*), pixel-space SDM UNets (official .pt or ours), and layout2image files with "
+        "l2i.* metadata"
     )
     return FileReport(kind="unknown", summary="unrecognised weights", notes=tuple(notes), **common)
 
