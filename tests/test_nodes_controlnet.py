@@ -30,6 +30,7 @@ from layout2image.weights import (
     UnknownFormatError,
     WeightsMetadata,
     convert_controlnet_state_dict,
+    import_aldm_checkpoint,
     save_class_embedding_table,
     save_controlnet,
     table_fingerprint,
@@ -425,6 +426,44 @@ def test_loader_node_lists_the_controlnet_folder_and_outputs_its_label_set(comfy
         assert len(key) == 4
     finally:
         comfy.folder_paths.reset()
+
+
+def test_official_aldm_checkpoint_imports_into_a_file_the_loader_node_uses(
+    comfy, models, tmp_path, lightning_checkpoint
+):
+    """An official-layout ALDM ``.ckpt`` (Lightning dict, ``control_model.*``) and the user's class-embedding
+    ``.pth`` files -> `import_aldm_checkpoint` -> the loader node -> the same hint and residuals as our own export
+    of the same weights and table."""
+    model, table = models["aldm"], models["table"]
+    control = convert_controlnet_state_dict(model.state_dict(), "ldm", config=dict(model.config)).state_dict
+    assert all(k.startswith("control_model.") for k in control)
+    ckpt = lightning_checkpoint(tmp_path / "aldm_official.ckpt", control)
+    torch.save(table[:N].clone(), tmp_path / "class_embeddings.pth")
+    torch.save(table[N:].clone(), tmp_path / "null_embedding.pth")
+    result = import_aldm_checkpoint(
+        ckpt,
+        tmp_path / "imported" / "aldm_toy.safetensors",
+        label_set="toy",
+        class_embeddings=tmp_path / "class_embeddings.pth",
+        null_embedding=tmp_path / "null_embedding.pth",
+    )
+    imported, labels, info = comfy.cn.L2IALDMControlNetLoader.execute(
+        controlnet_name=comfy.cn.NO_FILE, path=str(result.controlnet_path)
+    ).args
+    assert labels == TOY and "embedding hint" in info and "companion file" in info
+    assert isinstance(imported.control_model.input_hint_block, comfy.cn.ComfyALDMHintBlock)
+    ours, _ = comfy.cn.load_layout_controlnet(_save(models, "aldm", tmp_path))
+    label_map = comfy.types.LabelMap(_ids(32, 32), TOY)
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    runs = []
+    for control_net in (imported, ours):
+        torch.manual_seed(4)  # _run_control draws the text context
+        runs.append(_run_control(_applied_control(comfy, control_net, label_map), x))
+    (hint_a, out_a), (hint_b, out_b) = runs
+    torch.testing.assert_close(hint_a, hint_b, rtol=0, atol=0)
+    for a, b in zip(out_a["output"] + out_a["middle"], out_b["output"] + out_b["middle"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert any(r.abs().sum() > 0 for r in out_a["output"]), "all-zero residuals would prove nothing"
 
 
 def test_apply_node_outputs_conditioning(comfy, files):

@@ -421,27 +421,13 @@ def test_metadata_mismatches_fail_with_clear_messages(tmp_path, models):
 
 
 # ---------------------------------------------------------------------------------------------------- ALDM import
-def _lightning_checkpoint(path: Path, control: dict[str, torch.Tensor], junk_floats: int = 1000) -> Path:
-    """A ControlLDM checkpoint shaped like the official ALDM release (Lightning dict, SD parts + control_model)."""
-    per_part = max(1, junk_floats // 3)
-    state = {
-        "betas": torch.linspace(1e-4, 2e-2, 1000),
-        "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(per_part),
-        "first_stage_model.encoder.conv_in.weight": torch.zeros(per_part),
-        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(per_part),
-        **control,
-    }
-    torch.save({"state_dict": state, "epoch": 3, "global_step": 1234, "pytorch-lightning_version": "1.5.0"}, path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def official(models, tmp_path_factory):
+def official(models, tmp_path_factory, lightning_checkpoint):
     """An official-layout ALDM checkpoint of the tiny ALDM model, and class-embedding files for the toy set."""
     root = tmp_path_factory.mktemp("official")
     source = models["aldm"]
     control = _to(source.state_dict(), "ldm", controlnet_config_of(source))
-    ckpt = _lightning_checkpoint(root / "toy_step9.ckpt", control)
+    ckpt = lightning_checkpoint(root / "toy_step9.ckpt", control)
     g = torch.Generator().manual_seed(11)
     classes, null = torch.randn(N, EMBED, generator=g), torch.randn(1, EMBED, generator=g)
     torch.save(classes, root / "class_embeddings.pth")
@@ -497,16 +483,16 @@ def test_import_official_checkpoint(tmp_path, models, official):
         load_companion_table(result.controlnet_path)
 
 
-def test_import_refuses_what_does_not_fit(tmp_path, models, official):
+def test_import_refuses_what_does_not_fit(tmp_path, models, official, lightning_checkpoint):
     root = official["root"]
     kwargs = dict(class_embeddings=root / "class_embeddings.pth", null_embedding=root / "null_embedding.pth")
     with pytest.raises(WeightsError, match="label set 'cityscapes' has 19 classes"):
         import_aldm_checkpoint(official["ckpt"], tmp_path / "a.safetensors", label_set="cityscapes", **kwargs)
     standard = _to(models["rgb"].state_dict(), "ldm", controlnet_config_of(models["rgb"]))
-    std_ckpt = _lightning_checkpoint(tmp_path / "standard.ckpt", standard)
+    std_ckpt = lightning_checkpoint(tmp_path / "standard.ckpt", standard)
     with pytest.raises(WeightsError, match="l2i-convert controlnet"):
         import_aldm_checkpoint(std_ckpt, tmp_path / "b.safetensors", label_set="toy", **kwargs)
-    no_control = _lightning_checkpoint(tmp_path / "sd.ckpt", {})
+    no_control = lightning_checkpoint(tmp_path / "sd.ckpt", {})
     with pytest.raises(WeightsFileError, match="holds no control_model"):
         import_aldm_checkpoint(no_control, tmp_path / "c.safetensors", label_set="toy", **kwargs)
     wide = tmp_path / "wide_null.pth"
@@ -557,7 +543,7 @@ _MEMORY_CHILD = textwrap.dedent(
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="measures RSS through Linux /proc")
-def test_import_memory_stays_far_below_file_size(tmp_path, official):
+def test_import_memory_stays_far_below_file_size(tmp_path, official, lightning_checkpoint):
     """MEMORY TEST (~10 s): importing from a 320 MB checkpoint grows peak RSS by far less than the file.
 
     The checkpoint is mostly large non-ControlNet tensors (as the real 5.7 GB file is mostly UNet/VAE/CLIP). The
@@ -565,7 +551,7 @@ def test_import_memory_stays_far_below_file_size(tmp_path, official):
     a reset) during the import of the big file, plus the growth of a plain ``torch.load(mmap=False)`` of the same
     file as a control.
     """
-    big = _lightning_checkpoint(tmp_path / "big.ckpt", official["control"], junk_floats=80_000_000)
+    big = lightning_checkpoint(tmp_path / "big.ckpt", official["control"], junk_floats=80_000_000)
     size = big.stat().st_size
     assert size > 300e6
     root = official["root"]
