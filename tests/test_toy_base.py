@@ -219,6 +219,8 @@ def test_config_checks():
         ToyBaseConfig(vae_crop=256)
     with pytest.raises(ValueError, match="noise_offset"):
         ToyBaseConfig(noise_offset=-0.1)
+    with pytest.raises(ValueError, match="autoencoded_batch_share"):
+        ToyBaseConfig(autoencoded_batch_share=1.5)
 
 
 def test_unet_attention_heads_have_64_channels():

@@ -211,6 +211,9 @@ class ToyBaseConfig:
     num_autoencoded: int = field(
         default=1000, metadata={"help": "Training images also shown autoencoded to each segmenter (0 = none)."}
     )
+    autoencoded_batch_share: float = field(
+        default=0.5, metadata={"help": "Probability that a segmenter batch is drawn from the autoencoded images."}
+    )
     discriminator_steps: int | None = field(default=None, metadata={"help": "Fixed step count (None: budget)."})
     discriminator_max_steps: int = field(default=4000, metadata={"help": "Most steps the budget may give."})
     # evaluation
@@ -251,6 +254,8 @@ class ToyBaseConfig:
             raise ValueError(f"the budget shares add up to {shares:.2f}; they must leave time for the UNet (< 1)")
         if self.num_train < 1 or self.num_heldout < 1 or self.num_disc_train < 1:
             raise ValueError("num_train, num_heldout and num_disc_train must be at least 1")
+        if not 0 <= self.autoencoded_batch_share <= 1:
+            raise ValueError(f"autoencoded_batch_share={self.autoencoded_batch_share} must be in [0, 1]")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption_dropout={self.caption_dropout} must be in [0, 1)")
         if self.text_width % self.text_heads:
@@ -994,7 +999,9 @@ def train_segmenter(
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.segmenter_lr, weight_decay=0.01)
 
     def step_fn(step: int) -> float:
-        use_autoencoded = autoencoded is not None and bool(torch.rand((), generator=generator) < 0.5)
+        use_autoencoded = autoencoded is not None and bool(
+            torch.rand((), generator=generator) < config.autoencoded_batch_share
+        )
         source = autoencoded if use_autoencoded else train
         index = torch.randint(len(source), (config.segmenter_batch,), generator=generator)
         x, y = source.image_batch(index), source.labels[index].long()
