@@ -379,6 +379,20 @@ def test_p_mean_variance_learned_range_against_the_formulas():
     assert clipped.pred_xstart.abs().max() <= 1
 
 
+def test_pred_xstart_uses_float64_coefficients_at_small_t():
+    # The official code gathers √(1/ᾱ_t) and √(1/ᾱ_t − 1) precomputed in float64. Forming 1 − ᾱ_t from a float32
+    # ᾱ_t instead loses ~4 digits at small t (ᾱ_0 = 0.9999), a 10× larger x̂0 error than the official one.
+    s = SDMSchedule.linear()
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn(4, 3, 32, 32, generator=g)
+    eps = torch.randn(4, 3, 32, 32, generator=g)
+    t = torch.tensor([0, 1, 2, 5])
+    pred = p_mean_variance(s, torch.cat([eps, torch.zeros_like(eps)], 1), x_t, t, clip_denoised=False)
+    acp = s.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x0 = (x_t.double() - (1 - acp).sqrt() * eps.double()) / acp.sqrt()
+    torch.testing.assert_close(pred.pred_xstart.double(), x0, rtol=0, atol=1e-6)
+
+
 def test_p_sample_step_adds_no_noise_at_t0():
     s = SDMSchedule.linear()
     out = torch.randn(2, 6, 4, 4)

@@ -16,7 +16,8 @@ One reverse step (`p_mean_variance`, then `p_sample_step`):
 1. split the model output into ε̂ and v;
 2. log σ² = frac·log β_t + (1 − frac)·log β̃_t, frac = (v + 1)/2, with β̃_0 replaced by β̃_1 before the log
    (Improved DDPM eq. 15, ``learned_range``);
-3. x̂0 = (x_t − √(1 − ᾱ_t)·ε̂) / √ᾱ_t, clipped to [−1, 1] (``clip_denoised``);
+3. x̂0 = (x_t − √(1 − ᾱ_t)·ε̂) / √ᾱ_t = √(1/ᾱ_t)·x_t − √(1/ᾱ_t − 1)·ε̂ (coefficients in float64), clipped to
+   [−1, 1] (``clip_denoised``);
 4. μ = coef1·x̂0 + coef2·x_t, coef1 = β_t √ᾱ_{t−1} / (1 − ᾱ_t), coef2 = (1 − ᾱ_{t−1}) √α_t / (1 − ᾱ_t) (DDPM eq. 7);
 5. x_{t−1} = μ + exp(½ log σ²)·z, z ~ N(0, I), no noise at t = 0.
 
@@ -52,6 +53,8 @@ class SDMSchedule:
     posterior_log_variance_clipped: torch.Tensor = field(init=False, repr=False)
     posterior_mean_coef1: torch.Tensor = field(init=False, repr=False)
     posterior_mean_coef2: torch.Tensor = field(init=False, repr=False)
+    sqrt_recip_alphas_cumprod: torch.Tensor = field(init=False, repr=False)
+    sqrt_recipm1_alphas_cumprod: torch.Tensor = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         betas = torch.as_tensor(self.betas, dtype=torch.float64).cpu()
@@ -73,6 +76,10 @@ class SDMSchedule:
         )
         self.posterior_mean_coef1 = betas * acp_prev.sqrt() / (1.0 - acp)
         self.posterior_mean_coef2 = (1.0 - acp_prev) * alphas.sqrt() / (1.0 - acp)
+        # x̂0 = √(1/ᾱ_t)·x_t − √(1/ᾱ_t − 1)·ε̂ with both coefficients in float64, as the official code: forming
+        # 1 − ᾱ_t from a float32 ᾱ_t would lose ~4 digits at small t (ᾱ_0 = 0.9999)
+        self.sqrt_recip_alphas_cumprod = (1.0 / acp).sqrt()
+        self.sqrt_recipm1_alphas_cumprod = (1.0 / acp - 1.0).sqrt()
 
     @classmethod
     def linear(cls, num_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> SDMSchedule:
@@ -147,8 +154,10 @@ def p_mean_variance(
     max_log = schedule.gather(torch.log(schedule.betas), t, x)
     frac = (v + 1) / 2
     log_variance = frac * max_log + (1 - frac) * min_log  # 2.
-    acp = schedule.gather(schedule.alphas_cumprod, t, x)
-    pred_xstart = (x - (1 - acp).sqrt() * eps) / acp.sqrt()  # 3.
+    pred_xstart = (
+        schedule.gather(schedule.sqrt_recip_alphas_cumprod, t, x) * x
+        - schedule.gather(schedule.sqrt_recipm1_alphas_cumprod, t, x) * eps
+    )  # 3.
     if clip_denoised:
         pred_xstart = pred_xstart.clamp(-1, 1)
     mean = (
