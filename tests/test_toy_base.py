@@ -171,9 +171,9 @@ def test_shipped_segmenters_load_and_predict(folder):
 def test_shipped_acceptance_figures():
     acceptance = json.loads((SHIPPED / "acceptance.json").read_text())
     figures = acceptance["figures"]
-    # The toy-world issue asks for >= 0.9; the shipped run reached 0.896 (docs/TOY_WORLD.md says so). This guards
-    # against a worse segmenter being shipped unnoticed, not the target.
-    assert figures["segmenter"]["heldout_miou"] >= 0.89
+    # the toy-world issue's target for the evaluation segmenter on held-out real images (shipped run: 0.914)
+    assert figures["segmenter"]["heldout_miou"] >= 0.9
+    assert figures["segmenter"]["heldout_miou_autoencoded"] >= 0.8  # it scores decoded samples too
     # "night" darkens the samples by a clear margin (real toy images: about -0.37)
     assert figures["text_to_image"]["night_minus_day_brightness"] < -0.2
     assert acceptance["config"]["noise_offset"] > 0

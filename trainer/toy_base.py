@@ -144,7 +144,7 @@ class ToyBaseConfig:
     num_heldout: int = field(default=256, metadata={"help": "Held-out images for PSNR and mIoU."})
     # shares of the budget; the UNet gets what is left after the others and `eval_reserve`
     vae_share: float = field(default=0.18, metadata={"help": "Share of the budget for the autoencoder."})
-    segmenter_share: float = field(default=0.18, metadata={"help": "Share of the budget for the segmenter."})
+    segmenter_share: float = field(default=0.22, metadata={"help": "Share of the budget for the segmenter."})
     discriminator_share: float = field(default=0.06, metadata={"help": "Share for the discriminator init."})
     eval_reserve: float = field(default=0.04, metadata={"help": "Share kept for saving and evaluation."})
     # autoencoder
@@ -212,7 +212,7 @@ class ToyBaseConfig:
         default=1000, metadata={"help": "Training images also shown autoencoded to each segmenter (0 = none)."}
     )
     autoencoded_batch_share: float = field(
-        default=0.5, metadata={"help": "Probability that a segmenter batch is drawn from the autoencoded images."}
+        default=0.35, metadata={"help": "Probability that a segmenter batch is drawn from the autoencoded images."}
     )
     discriminator_steps: int | None = field(default=None, metadata={"help": "Fixed step count (None: budget)."})
     discriminator_max_steps: int = field(default=4000, metadata={"help": "Most steps the budget may give."})
@@ -984,8 +984,8 @@ def train_segmenter(
 
     Args:
         autoencoded (`ToyData`, *optional*): the same kind of images passed through the autoencoder (`autoencode`);
-            each batch is drawn from them instead of `train` with probability 1/2, so that the segmenter also reads
-            the softer images a decoder produces.
+            each batch is drawn from them instead of `train` with probability ``config.autoencoded_batch_share``,
+            so that the segmenter also reads the softer images a decoder produces.
 
     Returns:
         `PartResult` with the transformers model (N outputs, ``id2label`` = toy class names) under
@@ -1265,7 +1265,7 @@ def _train_toy_base(out_dir: Path, config: ToyBaseConfig, samples_png: bool, com
     t = lap("autoencoder", t)
 
     # 4. evaluation segmenter (before the UNet so that the samples can be scored with it), on real images and, for
-    # half of the batches, on their autoencoded versions (what decoded samples look like)
+    # a share of the batches, on their autoencoded versions (what decoded samples look like)
     result = train_segmenter(
         config,
         train,
