@@ -15,11 +15,15 @@ Targets of ``controlnet --to``: ``diffusers`` (one diffusers-layout safetensors:
 ``from_single_file``), ``diffusers-folder`` (``config.json`` + weights: ``from_pretrained``), ``ldm`` (the original
 ``control_model.*`` layout: every UI). ALDM-native ControlNets convert too but load only in layout2image.
 
-Targets of ``lora --to``: ``kohya`` (``lora_unet_<ldm path>.lora_down/lora_up/alpha``: ComfyUI "Load LoRA", A1111/Forge
-``<lora:...>``, diffusers ``load_lora_weights``) and ``peft`` (``unet.<diffusers path>.lora_A/lora_B`` with diffusers'
-``lora_adapter_metadata``). A PEFT input needs its ``lora_alpha``: from ``--alpha``, else the file's metadata. The
-UNet layout is ``--unet-config``, else the file's ``l2i.unet_config``, else SD 1.5. A SPADE companion
-(``*.spade.safetensors``) is not a LoRA and is never converted; copy it next to the output.
+Targets of ``lora --to``: ``kohya`` (``lora_unet_<module path>.lora_down/lora_up/alpha``: ComfyUI "Load LoRA",
+A1111/Forge ``<lora:...>``, diffusers ``load_lora_weights``) and ``peft`` (``unet.<diffusers path>.lora_A/lora_B``
+with diffusers' ``lora_adapter_metadata``). A PEFT input needs its ``lora_alpha``: from ``--alpha``, else the file's
+metadata. The UNet layout is ``--unet-config``, else the file's ``l2i.unet_config``, else SD 1.5. A SPADE companion
+(``*.spade.safetensors``) is not a LoRA and is never converted; copy it next to the output. ``--kohya-names`` picks
+the kohya module names: ``auto`` (default) writes diffusers names (``lora_unet_down_blocks_0_...``, as kohya's
+sd-scripts does) for SD 1.x/2.x-shaped UNets, which ComfyUI, A1111 and diffusers all read, and ldm names
+(``lora_unet_input_blocks_1_...``) for other layouts, where A1111's diffusers-name arithmetic is wrong and diffusers
+needs ``load_lora_weights(..., unet_config=...)``; ``diffusers``/``ldm`` force one.
 
 ``sdm`` converts a pixel-space SDM UNet between the official ``.pt`` state dict (what the released checkpoints and
 the official code use) and our ``.safetensors`` with metadata, in the direction the input's container implies
@@ -41,6 +45,8 @@ from pathlib import Path
 _TARGETS = ("diffusers", "diffusers-folder", "ldm")
 # Equal to layout2image.weights.LORA_FORMATS (checked by the tests).
 _LORA_TARGETS = ("kohya", "peft")
+# Equal to layout2image.weights.lora.KOHYA_NAMES (checked by the tests).
+_KOHYA_NAMES = ("auto", "diffusers", "ldm")
 _DTYPES = ("fp16", "fp32", "keep")
 # Equal to layout2image.weights.SDM_TARGETS (checked by the tests).
 _SDM_TARGETS = ("pt", "safetensors")
@@ -116,11 +122,18 @@ def cmd_lora(args) -> int:
 
     config = _read_unet_config(args.unet_config) if args.unet_config is not None else None
     conv = convert_lora_file(
-        args.input, args.output, to=args.to, unet_config=config, alpha=args.alpha, dtype=_dtype(args)
+        args.input,
+        args.output,
+        to=args.to,
+        unet_config=config,
+        alpha=args.alpha,
+        dtype=_dtype(args),
+        kohya_names=args.kohya_names,
     )
     ranks = "/".join(str(r) for r in sorted(set(conv.ranks.values())))
     alphas = "/".join(f"{a:g}" for a in sorted(set(conv.alphas.values()))) or "unknown"
-    print(f"wrote {args.output} ({args.to}, {len(conv.modules)} modules, rank {ranks}, alpha {alphas})")
+    names = f", {conv.kohya_names} module names" if conv.kohya_names else ""
+    print(f"wrote {args.output} ({args.to}, {len(conv.modules)} modules, rank {ranks}, alpha {alphas}{names})")
     return 0
 
 
@@ -195,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", type=Path, help="output .safetensors")
     p.add_argument("--alpha", type=float, help="lora_alpha of a PEFT input (default: from the file's metadata)")
     p.add_argument("--unet-config", type=Path, help="base UNet config.json or diffusers UNet folder (default: SD 1.5)")
+    p.add_argument(
+        "--kohya-names",
+        choices=_KOHYA_NAMES,
+        default="auto",
+        help="module names of a kohya output: diffusers (lora_unet_down_blocks_0_...) or ldm "
+        "(lora_unet_input_blocks_1_...); auto (default): diffusers for SD 1.x/2.x-shaped UNets, ldm otherwise",
+    )
     _add_precision(p)
     p.set_defaults(func=cmd_lora)
 
@@ -227,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         _check_output(parser, args, args.input, args.output)
         if args.alpha is not None and not args.alpha > 0:
             parser.error(f"--alpha {args.alpha}: must be a positive number")
+        if args.kohya_names != "auto" and args.to != "kohya":
+            parser.error(f"--kohya-names {args.kohya_names}: only with --to kohya (PEFT keys use diffusers names)")
     elif args.command == "sdm":
         _check_output(parser, args, args.input, args.output)
         if (args.edges or args.unknown_channel) and args.label_set is None:

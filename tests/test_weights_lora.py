@@ -1,11 +1,13 @@
-"""LoRA files: PEFT <-> kohya (ldm names, alpha = lora_alpha), the ComfyUI/A1111 naming checker, SDM-LoRA files with
-their SPADE companion, ``l2i-convert lora``, inspection, and errors for broken input."""
+"""LoRA files: PEFT <-> kohya (diffusers or ldm module names by UNet layout, alpha = lora_alpha), the ComfyUI/A1111
+naming checker, diffusers' plain ``load_lora_weights`` on an SD 1.x-shaped export, SDM-LoRA files with their SPADE
+companion, ``l2i-convert lora``, inspection, and errors for broken input."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
-from layout2image.cli.convert import _LORA_TARGETS, main
+from layout2image.cli.convert import _KOHYA_NAMES, _LORA_TARGETS, main
 from layout2image.core.labels import LabelSet, get_label_set
 from layout2image.core.sdm_lora import (
     SDMLoraConfig,
@@ -50,6 +52,7 @@ from layout2image.weights import (
     spade_path_for,
     unet_module_map,
 )
+from layout2image.weights.lora import KOHYA_NAMES, kohya_names_for
 from layout2image.weights.lora_check import comfyui_unet_config, comfyui_unet_to_diffusers, ldm_unet_shapes
 
 LABELS = get_label_set("toy")
@@ -67,6 +70,22 @@ def tiny_config(layers_per_block: int) -> dict:
         out_channels=4,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    )
+
+
+def sd1x_tiny_config() -> dict:
+    """SD 1.5's block structure (CrossAttnDownBlock2D x3 + DownBlock2D, layers_per_block=2) at tiny widths."""
+    return dict(
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=2,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
         cross_attention_dim=32,
         attention_head_dim=8,
         norm_num_groups=8,
@@ -169,7 +188,32 @@ def test_conversions_are_idempotent(trained):
     assert list(convert_lora_state_dict(prefixed, "peft", unet_config=config, prefix="").state_dict) == list(same)
 
 
-def test_diffusers_named_kohya_input_comes_out_ldm_named(trained):
+@pytest.mark.parametrize("naming", ["diffusers", "ldm"])
+def test_both_kohya_namings_round_trip_exactly(trained, naming):
+    """Either naming: PEFT -> kohya -> PEFT is exact; kohya -> kohya in the same naming is the identity; renaming to
+    the other naming and back gives the same keys and the very same tensors."""
+    config, peft = trained["unet"].config, trained["peft"]
+    other = {"diffusers": "ldm", "ldm": "diffusers"}[naming]
+    kohya = convert_lora_state_dict(peft, "kohya", unet_config=config, alpha=ALPHA, kohya_names=naming)
+    assert kohya.kohya_names == naming
+    ldm_style = [k for k in kohya.state_dict if k.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_"))]
+    assert bool(ldm_style) == (naming == "ldm")
+    back = convert_lora_state_dict(kohya.state_dict, "peft", unet_config=config)
+    assert list(back.state_dict) == list(peft) and all(back.state_dict[k] is peft[k] for k in peft)
+    assert back.alphas == kohya.alphas and back.kohya_names == ""
+    same = convert_lora_state_dict(kohya.state_dict, "kohya", unet_config=config, kohya_names=naming).state_dict
+    assert list(same) == list(kohya.state_dict) and all(same[k] is kohya.state_dict[k] for k in same)
+    renamed = convert_lora_state_dict(kohya.state_dict, "kohya", unet_config=config, kohya_names=other).state_dict
+    assert set(renamed).isdisjoint(kohya.state_dict) and len(renamed) == len(kohya.state_dict)
+    again = convert_lora_state_dict(renamed, "kohya", unet_config=config, kohya_names=naming).state_dict
+    assert list(again) == list(kohya.state_dict)
+    assert all(again[k] is kohya.state_dict[k] for k in again if not k.endswith(".alpha"))
+    assert all(torch.equal(again[k], kohya.state_dict[k]) for k in again)
+    with pytest.raises(ValueError, match="kohya_names='compvis'"):
+        convert_lora_state_dict(peft, "kohya", unet_config=config, alpha=ALPHA, kohya_names="compvis")
+
+
+def test_diffusers_named_kohya_input_comes_out_as_asked(trained):
     config = trained["unet"].config
     diffusers_named = {}
     for key, value in trained["peft"].items():
@@ -177,9 +221,15 @@ def test_diffusers_named_kohya_input_comes_out_ldm_named(trained):
         name = "lora_unet_" + module.replace(".", "_")
         diffusers_named[f"{name}.{'lora_down.weight' if part.startswith('A') else 'lora_up.weight'}"] = value
         diffusers_named[f"{name}.alpha"] = torch.tensor(float(RANK))  # what convert_state_dict_to_kohya writes
-    out = convert_lora_state_dict(diffusers_named, "kohya", unet_config=config)
-    reference = convert_lora_state_dict(trained["peft"], "kohya", unet_config=config, alpha=float(RANK))
-    assert list(out.state_dict) == list(reference.state_dict)
+    for naming in KOHYA_NAMES:
+        out = convert_lora_state_dict(diffusers_named, "kohya", unet_config=config, kohya_names=naming)
+        reference = convert_lora_state_dict(
+            trained["peft"], "kohya", unet_config=config, alpha=float(RANK), kohya_names=naming
+        )
+        assert sorted(out.state_dict) == sorted(reference.state_dict), naming
+        assert out.kohya_names == reference.kohya_names == (kohya_names_for(config) if naming == "auto" else naming)
+    as_is = convert_lora_state_dict(diffusers_named, "kohya", unet_config=config, kohya_names="diffusers")
+    assert list(as_is.state_dict) == list(diffusers_named)  # already named as asked: the identity
 
 
 def test_peft_to_kohya_needs_alpha(trained):
@@ -203,8 +253,10 @@ def test_kohya_names_follow_the_ldm_layout_of_the_config():
         f"up_blocks.1.attentions.1.{block}.attn1.to_out.0": "lora_unet_output_blocks_3_1_transformer_blocks_0_attn1_to_out_0",
     }
     config = tiny_config(1)
+    assert kohya_names_for(config) == "ldm"  # not SD-shaped: "auto" writes ldm names
     for path, name in expected.items():
-        assert kohya_module_name(path, config) == name
+        assert kohya_module_name(path, config) == kohya_module_name(path, config, "ldm") == name
+        assert kohya_module_name(path, config, "diffusers") == "lora_unet_" + path.replace(".", "_")
     with pytest.raises(LoraFormatError, match="not a module"):
         kohya_module_name("down_blocks.5.resnets.0.conv1", config)
 
@@ -272,26 +324,148 @@ def test_kohya_merge_formula_matches_the_peft_layers(trained):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=path)
 
 
-def test_diffusers_loads_the_kohya_file(trained, tmp_path):
-    """diffusers' own kohya reader maps our ldm names for this layout, with the right alpha.
+@pytest.mark.parametrize("naming", ["diffusers", "ldm"])
+def test_diffusers_loads_the_kohya_file(trained, naming, tmp_path):
+    """diffusers' own kohya reader (``lora_state_dict`` + ``load_lora_adapter``), with the right alpha.
 
-    Known diffusers limit (``_maybe_map_sgm_blocks_to_diffusers``): inner index 1 of an output block is always read
-    as ``attentions``, so an upsampler LoRA in an up block without attention (``output_blocks_N_1_conv``; SD 1.5's
+    Diffusers names: read as they are, for any layout, without the UNet config. ldm names: only with
+    ``unet_config`` (``_maybe_map_sgm_blocks_to_diffusers``, which ``StableDiffusionPipeline.load_lora_weights``
+    never calls by itself), and with a limit of its own: inner index 1 of an output block is always read as
+    ``attentions``, so an upsampler LoRA in an up block without attention (``output_blocks_N_1_conv``; SD 1.5's
     ``up_blocks.0``) lands on a missing module (diffusers warns). ComfyUI and A1111 are not affected.
     """
     from diffusers.loaders import StableDiffusionLoraLoaderMixin
     from peft import LoraConfig, set_peft_model_state_dict
 
-    peft = {k: v for k, v in trained["peft"].items() if not k.startswith("up_blocks.0.upsamplers.")}
+    config = trained["unet"].config
+    peft = trained["peft"]
+    if naming == "ldm":
+        peft = {k: v for k, v in peft.items() if not k.startswith("up_blocks.0.upsamplers.")}
     path = tmp_path / "lora.safetensors"
-    conv = save_lora_file(path, peft, "kohya", unet_config=trained["unet"].config, alpha=ALPHA)
-    state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(path), unet_config=trained["unet"].config)
+    conv = save_lora_file(path, peft, "kohya", unet_config=config, alpha=ALPHA, kohya_names=naming)
+    assert load_lora_file(path).raw_metadata["l2i.kohya_names"] == naming
+    kwargs = {"unet_config": config} if naming == "ldm" else {}
+    state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(str(path), **kwargs)
     by_diffusers = plain_unet(trained["lpb"])
     by_diffusers.load_lora_adapter(state, prefix="unet", network_alphas=alphas, adapter_name="k")
     reference = plain_unet(trained["lpb"])
     reference.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(conv.modules)))
     set_peft_model_state_dict(reference, peft)
     assert torch.allclose(run(by_diffusers, layout=False), run(reference, layout=False), atol=1e-6)
+
+
+def _tiny_sd_pipeline(unet: UNet2DConditionModel, folder: Path):
+    """A StableDiffusionPipeline around ``unet``: tiny VAE, tiny CLIP text encoder (32 wide) and tokenizer."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=32,
+    )
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in "abcdefghijklmnopqrstuvwxyz":
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+    text = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                          num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)  # fmt: skip
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(text).eval(),
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+#: A log record or warning about LoRA keys; the one expected line is diffusers' note that a UNet-only LoRA has no
+#: text-encoder keys ("safe to ignore").
+KEY_WARNING = re.compile(
+    r"unexpected|missing|not loaded|not used|were not|mismatch|not initiali|no lora keys", re.IGNORECASE
+)
+EXPECTED_WARNING = re.compile(r"No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'")
+
+
+def test_sd1x_shaped_kohya_export_loads_in_a_plain_diffusers_pipeline(tmp_path):
+    """A tiny UNet with SD 1.x's block structure, SDM-LoRA on attention AND convs, exported by `save_sdm_lora`
+    (what the trainer calls): the kohya file has diffusers names, and a plain
+    ``StableDiffusionPipeline.load_lora_weights(path)`` puts exactly our LoRA weights (max abs diff 0), scaled by
+    alpha / r, into the pipeline's UNet, with no key warning; its outputs equal our PEFT model's."""
+    import warnings
+
+    from peft import LoraConfig, set_peft_model_state_dict
+
+    config = sd1x_tiny_config()
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**config).eval()
+    base_state = {k: v.clone() for k, v in unet.state_dict().items()}
+    add_sdm_lora(unet, sdm_config())
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in sdm_lora_parameters(unet):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    peft = get_sdm_lora_state_dicts(unet).lora
+    assert any(k.startswith("down_blocks.0.attentions.0.") for k in peft)
+    assert any(".resnets." in k and ".conv1." in k for k in peft) and any(".downsamplers.0.conv." in k for k in peft)
+    files = save_sdm_lora(unet, tmp_path / "sd1x_sdm.safetensors", LABELS, base_model="tiny/sd1x")
+    assert kohya_names_for(config) == "diffusers" and files.lora.kohya_names == "diffusers"
+    saved = load_lora_file(files.lora_path)
+    assert saved.raw_metadata["l2i.kohya_names"] == "diffusers"
+    diffusers_roots = ("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_")
+    assert all(k.startswith(diffusers_roots) for k in saved.state_dict)
+    assert check_lora_file(files.lora_path).ok
+
+    plain = UNet2DConditionModel(**config).eval()
+    plain.load_state_dict(base_state)
+    pipe = _tiny_sd_pipeline(plain, tmp_path / "tokenizer")
+    lines: list[str] = []
+
+    class Lines(logging.Handler):
+        def emit(self, record):
+            lines.append(f"{record.levelname} {record.name}: {record.getMessage()}")
+
+    handler = Lines(level=logging.INFO)
+    loggers = [logging.getLogger(name) for name in ("", "diffusers", "peft", "transformers")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pipe.load_lora_weights(str(files.lora_path))  # plain: no unet_config, no adapter metadata
+    finally:
+        for lg in loggers:
+            lg.removeHandler(handler)
+    lines += [f"{w.category.__name__}: {w.message}" for w in caught]
+    assert [line for line in lines if KEY_WARNING.search(line) and not EXPECTED_WARNING.search(line)] == []
+
+    (adapter,) = pipe.get_active_adapters()
+    state = pipe.unet.state_dict()
+    loaded = {k for k in state if f".lora_A.{adapter}." in k or f".lora_B.{adapter}." in k}
+    in_pipe = {k: re.sub(r"\.lora_([AB])\.", rf".lora_\1.{adapter}.", k) for k in peft}
+    assert loaded == set(in_pipe.values())
+    diff = max((state[in_pipe[k]] - v).abs().max().item() for k, v in peft.items())
+    assert diff == 0.0
+    modules = {k.rpartition(".lora_")[0] for k in peft}
+    assert {pipe.unet.get_submodule(m).scaling[adapter] for m in modules} == {ALPHA / RANK}
+
+    reference = UNet2DConditionModel(**config).eval()
+    reference.load_state_dict(base_state)
+    reference.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=sorted(modules)))
+    set_peft_model_state_dict(reference, peft)
+    assert torch.allclose(run(pipe.unet, layout=False), run(reference, layout=False), atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------- the checker
@@ -332,15 +506,87 @@ def test_broken_pairs_and_shapes_are_errors(trained):
         f"{name}.lora_up.weight": torch.zeros(64, RANK, 1, 1),
     }
     assert {c.comfyui for c in check_lora_state_dict(wrong, config).checks} == {"error"}
+    norm_name = kohya_module_name("up_blocks.0.resnets.0.norm1", config)  # in_layers_0 in ldm names
     norm = {
-        f"{name.replace('in_layers_2', 'in_layers_0')}.lora_down.weight": torch.zeros(RANK, 128),
-        f"{name.replace('in_layers_2', 'in_layers_0')}.lora_up.weight": torch.zeros(128, RANK),
+        f"{norm_name}.lora_down.weight": torch.zeros(RANK, 128),
+        f"{norm_name}.lora_up.weight": torch.zeros(128, RANK),
     }
     assert {c.a1111 for c in check_lora_state_dict(norm, config).checks} == {"error"}  # LoRA on a GroupNorm
 
 
-def test_why_we_write_ldm_names_and_not_peft_names():
-    """A1111 maps diffusers-named kohya keys with SD 1.x block arithmetic (3 per level): wrong for other layouts.
+def _meta_peft_lora(config: dict, targets: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+    """A PEFT LoRA (meta tensors, rank RANK) on every Linear/conv module of the layout, or on the ``targets``
+    suffixes in the down/mid/up blocks, for a UNet built on the meta device."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(config)
+    table = unet_module_map(config)
+    peft = {}
+    for name, module in unet.named_modules():
+        if not isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or name not in table:
+            continue
+        in_blocks = name.startswith(("down_blocks", "mid_block", "up_blocks"))
+        if targets is not None and not (in_blocks and name.endswith(tuple("." + t for t in targets))):
+            continue
+        w = module.weight
+        down = (RANK, *w.shape[1:]) if w.ndim == 4 else (RANK, w.shape[1])
+        up = (w.shape[0], RANK, 1, 1) if w.ndim == 4 else (w.shape[0], RANK)
+        peft[f"{name}.lora_A.weight"] = torch.empty(down, device="meta")
+        peft[f"{name}.lora_B.weight"] = torch.empty(up, device="meta")
+    return peft
+
+
+def _sd2_config() -> dict:
+    """SD 2.x's UNet layout (SD 1.5's blocks; per-level heads, linear projections, 1024-wide text)."""
+    config = json.loads(SD15_CONFIG.read_text())
+    config.update(attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024, use_linear_projection=True)
+    return config
+
+
+def _other_layouts() -> dict[str, dict]:
+    """Layouts where A1111's diffusers-name arithmetic is wrong (auto writes ldm names)."""
+    sdxl_like = dict(  # SDXL's block order (attention in up_blocks.0, none in the first level), tiny widths
+        tiny_config(2),
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    )
+    return {"toy-lpb1": tiny_config(1), "lpb3": tiny_config(3), "sdxl-order": sdxl_like}
+
+
+@pytest.mark.parametrize(
+    ("config", "naming"),
+    [
+        (None, "diffusers"),
+        (_sd2_config(), "diffusers"),
+        (tiny_config(2), "diffusers"),  # 2 levels but SD 1.x's arithmetic: 3 ldm blocks per level, up_blocks.0 plain
+        (sd1x_tiny_config(), "diffusers"),
+        *((c, "ldm") for c in _other_layouts().values()),
+    ],
+    ids=["sd15", "sd2", "tiny-lpb2", "sd1x-tiny", *_other_layouts()],
+)
+def test_kohya_naming_rule_follows_the_loaders(config, naming):
+    """``auto`` writes diffusers names exactly when they load on the right modules in both UIs (`lora_check`): then
+    the diffusers-named file of EVERY Linear/conv module passes ComfyUI's and A1111's rules; otherwise A1111 (SD 1.x
+    block arithmetic) misplaces or drops some of them and ldm names are written. ldm names pass for every layout."""
+    config = config or sd15_unet_config()
+    assert kohya_names_for(config) == naming
+    peft = _meta_peft_lora(config)
+    auto = convert_lora_state_dict(peft, "kohya", unet_config=config, alpha=ALPHA)
+    assert auto.kohya_names == naming
+    ldm = convert_lora_state_dict(peft, "kohya", unet_config=config, alpha=ALPHA, kohya_names="ldm").state_dict
+    diffusers = convert_lora_state_dict(peft, "kohya", unet_config=config, alpha=ALPHA, kohya_names="diffusers")
+    assert check_lora_state_dict(ldm, config).ok
+    report = check_lora_state_dict(diffusers.state_dict, config)
+    assert report.comfyui_ok, report.to_text()
+    assert report.a1111_ok == (naming == "diffusers"), report.to_text()
+    assert check_lora_state_dict(auto.state_dict, config).ok
+
+
+def test_why_not_peft_names_and_not_always_diffusers_names():
+    """A1111 maps diffusers-named kohya keys with SD 1.x block arithmetic (3 per level): wrong for other layouts,
+    such as the toy world's (layers_per_block=1), which therefore get ldm names.
     PEFT names: ComfyUI drops their attention keys (Comfy-Org/ComfyUI#9753), A1111 reads none."""
     unet = sdm_unet(1)
     peft = get_sdm_lora_state_dicts(unet).lora
@@ -352,60 +598,69 @@ def test_why_we_write_ldm_names_and_not_peft_names():
     }
     report = check_lora_state_dict(diffusers_named, unet.config)
     assert report.comfyui_ok and not report.a1111_ok
+    written = convert_lora_state_dict(peft, "kohya", unet_config=unet.config, alpha=ALPHA)
+    assert written.kohya_names == "ldm" and check_lora_state_dict(written.state_dict, unet.config).ok
+    ldm_roots = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+    assert all(k.startswith(ldm_roots) for k in written.state_dict)
     peft_report = check_lora_state_dict(peft, unet.config)
     not_loaded = {c.key for c in peft_report.failing("comfyui")}
     assert not_loaded and all(".attn" in k for k in not_loaded)
     assert len(peft_report.failing("a1111")) == len(peft)
 
 
-def test_sd15_names_pass_the_checker():
-    """SD 1.5 (built on the meta device): every attention/conv/ff LoRA name converts and loads in both UIs."""
-    from accelerate import init_empty_weights
+SD15_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                "conv2", "conv_shortcut", "conv", "time_emb_proj")  # fmt: skip
 
+
+@pytest.mark.parametrize(
+    ("kohya_names", "expected"),
+    [
+        (
+            "auto",  # SD 1.5 is SD 1.x-shaped: diffusers names, as kohya's sd-scripts writes for SD 1.x
+            (
+                "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q",
+                "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k",
+                "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn1_to_out_0",
+                "lora_unet_down_blocks_1_resnets_0_conv_shortcut",
+                "lora_unet_down_blocks_0_downsamplers_0_conv",
+                "lora_unet_up_blocks_0_upsamplers_0_conv",
+                "lora_unet_up_blocks_1_upsamplers_0_conv",
+                "lora_unet_up_blocks_0_resnets_0_time_emb_proj",
+            ),
+        ),
+        (
+            "ldm",
+            (
+                "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q",
+                "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k",
+                "lora_unet_output_blocks_11_1_transformer_blocks_0_attn1_to_out_0",
+                "lora_unet_input_blocks_4_0_skip_connection",  # down_blocks.1.resnets.0.conv_shortcut
+                "lora_unet_input_blocks_3_0_op",  # down_blocks.0.downsamplers.0.conv
+                "lora_unet_output_blocks_2_1_conv",  # up_blocks.0.upsamplers.0.conv (no attention in up_blocks.0)
+                "lora_unet_output_blocks_5_2_conv",  # up_blocks.1.upsamplers.0.conv (after an attention)
+                "lora_unet_output_blocks_0_0_emb_layers_1",  # up_blocks.0.resnets.0.time_emb_proj
+            ),
+        ),
+    ],
+)
+def test_sd15_export_names_pass_the_checker(kohya_names, expected):
+    """SD 1.5 (built on the meta device): the kohya export of every attention/conv/ff LoRA module uses diffusers
+    names by default (ldm names on request), and every key converts and loads in both UIs."""
     config = json.loads(SD15_CONFIG.read_text())
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(config)
-    targets = (
-        "to_q",
-        "to_k",
-        "to_v",
-        "to_out.0",
-        "proj_in",
-        "proj_out",
-        "ff.net.0.proj",
-        "ff.net.2",
-        "conv1",
-        "conv2",
-        "conv_shortcut",
-        "conv",
-        "time_emb_proj",
-    )
-    peft = {}
-    for name, module in unet.named_modules():
-        if name.startswith(("down_blocks", "mid_block", "up_blocks")) and name.endswith(
-            tuple("." + t for t in targets)
-        ):
-            w = module.weight
-            down = (RANK, *w.shape[1:]) if w.ndim == 4 else (RANK, w.shape[1])
-            up = (w.shape[0], RANK, 1, 1) if w.ndim == 4 else (w.shape[0], RANK)
-            peft[f"{name}.lora_A.weight"] = torch.empty(down, device="meta")
-            peft[f"{name}.lora_B.weight"] = torch.empty(up, device="meta")
-    kohya = convert_lora_state_dict(peft, "kohya", unet_config=config, alpha=ALPHA).state_dict
+    peft = _meta_peft_lora(config, SD15_TARGETS)
+    conv = convert_lora_state_dict(peft, "kohya", unet_config=config, alpha=ALPHA, kohya_names=kohya_names)
+    kohya = conv.state_dict
     assert len(kohya) == len(peft) // 2 * 3
-    for name in (
-        "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q",
-        "lora_unet_middle_block_1_transformer_blocks_0_attn2_to_k",
-        "lora_unet_output_blocks_11_1_transformer_blocks_0_attn1_to_out_0",
-        "lora_unet_input_blocks_4_0_skip_connection",  # down_blocks.1.resnets.0.conv_shortcut
-        "lora_unet_input_blocks_3_0_op",  # down_blocks.0.downsamplers.0.conv
-        "lora_unet_output_blocks_2_1_conv",  # up_blocks.0.upsamplers.0.conv (no attention in up_blocks.0)
-        "lora_unet_output_blocks_5_2_conv",  # up_blocks.1.upsamplers.0.conv (after an attention)
-        "lora_unet_output_blocks_0_0_emb_layers_1",  # up_blocks.0.resnets.0.time_emb_proj
-    ):
+    assert conv.kohya_names == ("diffusers" if kohya_names == "auto" else "ldm")
+    for name in expected:
         assert f"{name}.lora_down.weight" in kohya, name
+    ldm_style = re.compile(r"lora_unet_(input_blocks|middle_block|output_blocks)_")
+    assert all(bool(ldm_style.match(k)) == (conv.kohya_names == "ldm") for k in kohya)
     report = check_lora_state_dict(kohya, config)
     assert report.ok, report.to_text()
+    assert report.comfyui_warnings() == []
     assert list(convert_lora_state_dict(kohya, "peft", unet_config=config).state_dict) == list(peft)
+    assert sd15_unet_config() == config and kohya_names_for(None) == "diffusers"  # files without l2i.unet_config
 
 
 @pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="set COMFYUI_PATH to a ComfyUI checkout")
@@ -476,6 +731,10 @@ def test_sdm_lora_writes_two_files_and_no_spade_keys_in_the_lora(saved):
     )
     assert not any("sem_" in k or "sites" in k for k in lora)
     assert check_lora_file(files.lora_path).ok
+    # the toy-shaped UNet (layers_per_block=1) is not SD 1.x-shaped: ldm module names
+    assert load_lora_file(files.lora_path).raw_metadata["l2i.kohya_names"] == files.lora.kohya_names == "ldm"
+    ldm_roots = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+    assert all(k.startswith(ldm_roots) for k in lora)
     spade = load_file(files.spade_path)
     assert set(spade) == set(get_spade_adapter(saved["unet"]).state_dict())
 
@@ -572,6 +831,34 @@ def test_cli_lora_round_trip(saved, tmp_path, capsys):
     assert main(["lora", "--to", "kohya", str(tmp_path / "peft.safetensors"), str(tmp_path / "k.safetensors")]) == 0
     original, again = load_file(kohya), load_file(tmp_path / "k.safetensors")
     assert list(again) == list(original) and all(torch.equal(again[k], original[k]) for k in original)
+
+
+def test_cli_kohya_names_option(saved, tmp_path, capsys):
+    """--kohya-names forces a naming (diffusers names on the toy layout: a warning, the checker sees A1111 fail); the
+    default (auto) brings the file back to ldm names with the same tensors; the option is refused with --to peft."""
+    kohya = saved["files"].lora_path
+    assert _KOHYA_NAMES == KOHYA_NAMES
+    forced = tmp_path / "forced.safetensors"
+    assert main(["lora", "--to", "kohya", str(kohya), str(forced), "--kohya-names", "diffusers"]) == 0
+    assert "diffusers module names" in capsys.readouterr().out
+    loaded = load_lora_file(forced)
+    assert loaded.raw_metadata["l2i.kohya_names"] == "diffusers"
+    diffusers_roots = ("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_")
+    assert all(k.startswith(diffusers_roots) for k in loaded.state_dict)
+    report = check_lora_file(forced)
+    assert report.comfyui_ok and not report.a1111_ok
+    back = tmp_path / "back.safetensors"
+    assert main(["lora", "--to", "kohya", str(forced), str(back)]) == 0
+    assert "ldm module names" in capsys.readouterr().out
+    original, again = load_file(kohya), load_file(back)
+    assert list(again) == list(original) and all(torch.equal(again[k], original[k]) for k in original)
+    assert load_lora_file(back).raw_metadata["l2i.kohya_names"] == "ldm"
+    peft = tmp_path / "p.safetensors"
+    assert main(["lora", "--to", "peft", str(forced), str(peft)]) == 0
+    assert "l2i.kohya_names" not in load_lora_file(peft).raw_metadata
+    with pytest.raises(SystemExit) as err:
+        main(["lora", "--to", "peft", str(kohya), str(tmp_path / "p2.safetensors"), "--kohya-names", "ldm"])
+    assert err.value.code == 2 and "only with --to kohya" in capsys.readouterr().err
 
 
 def test_cli_peft_without_alpha(tmp_path, capsys):

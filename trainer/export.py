@@ -157,7 +157,8 @@ def _export_sdm_lora(models, folder: Path, dtype, config_hash: str, result: Expo
     save_file(_cast(parts.spade, dtype), str(folder / SPADE_FILE), metadata=spade_md)
     result.files.append(Path(SPADE_FILE))
 
-    # What ComfyUI / A1111 load: a kohya LoRA (ldm names, .alpha = lora_alpha) + its SPADE companion file.
+    # What ComfyUI / A1111 / diffusers load: a kohya LoRA (module names per kohya_names_for: diffusers names for
+    # SD 1.x/2.x layouts, ldm names otherwise; .alpha = lora_alpha) + its SPADE companion file.
     from ..weights.spade_file import save_sdm_lora
 
     files = save_sdm_lora(

@@ -51,6 +51,7 @@ from .controlnet import (
 from .inspect import KNOWN_KINDS, FileReport, inspect_weights
 from .lora import (
     KNOWN_LORA_FORMATS,
+    KOHYA_NAMES,
     KOHYA_UNET_PREFIX,
     LORA_FORMATS,
     LoraConversion,
@@ -61,6 +62,7 @@ from .lora import (
     convert_lora_state_dict,
     detect_lora_format,
     kohya_module_name,
+    kohya_names_for,
     load_lora_file,
     lora_alphas_of,
     peft_adapter_metadata,
@@ -133,6 +135,7 @@ __all__ = [
     "KNOWN_FORMATS",
     "KNOWN_KINDS",
     "KNOWN_LORA_FORMATS",
+    "KOHYA_NAMES",
     "KOHYA_UNET_PREFIX",
     "LDM_PREFIX",
     "LORA_CHECK_VERDICTS",
@@ -194,6 +197,7 @@ __all__ = [
     "inspect_weights",
     "is_sdm_state_dict",
     "kohya_module_name",
+    "kohya_names_for",
     "load_class_embedding_table",
     "load_companion_table",
     "load_controlnet_file",

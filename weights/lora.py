@@ -7,8 +7,9 @@ format     keys (one module)                                              writte
 =========  =============================================================  =========================================
 ``peft``   ``[unet.]<diffusers module path>.lora_A.weight``, ``.lora_B``   ``get_peft_model_state_dict``, diffusers
            (no alpha: it lives in the LoRA config)                        ``save_lora_weights`` (``unet.`` prefix)
-``kohya``  ``lora_unet_<ldm module path, "." -> "_">.lora_down.weight``,  kohya sd-scripts, this module
-           ``.lora_up.weight``, ``.alpha`` (0-dim tensor)
+``kohya``  ``lora_unet_<module path, "." -> "_">.lora_down.weight``,      kohya sd-scripts, this module
+           ``.lora_up.weight``, ``.alpha`` (0-dim tensor); the module
+           path is the diffusers one or the ldm (CompVis) one
 =========  =============================================================  =========================================
 
 ``lora_down`` is PEFT's ``lora_A`` (a Linear ``(r, in)``, or a conv ``(r, in, k, k)`` with the base conv's kernel),
@@ -18,27 +19,41 @@ Both stock loaders add ``(alpha / r) * up @ down`` to the base weight, with ``r 
 ``NetworkModule.calc_scale``), exactly PEFT's ``scaling = lora_alpha / r``. So ``.alpha`` must be the configured
 ``lora_alpha``, not the rank; a module without ``.alpha`` is applied with scale 1 by both, i.e. as alpha = r.
 
-**Which kohya names we write: the ldm (CompVis) module paths**, e.g. ``lora_unet_input_blocks_1_1_transformer_
-blocks_0_attn1_to_q`` for ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q``:
+**Which kohya module names we write** (``kohya_names=``, `kohya_names_for`; recorded as ``l2i.kohya_names``):
+``"diffusers"`` names (``lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q``, what kohya's
+sd-scripts writes for SD 1.x/2.x) when A1111's diffusers -> ldm name arithmetic is exact for the UNet layout, else
+``"ldm"`` names (``lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q``). The loaders:
 
 * ComfyUI (``comfy/lora.py`` ``model_lora_keys_unet``) accepts ``lora_unet_<ldm path>`` for every ``.weight`` of
   the model's state dict (its SD1.x UNet *is* the ldm UNet), and also ``lora_unet_<diffusers path>`` through
-  ``comfy.utils.unet_to_diffusers``, which is computed from the UNet config, so both work there.
+  ``comfy.utils.unet_to_diffusers``, which is computed from the UNet config; both work there (its rules assume
+  equal ``layers_per_block`` on every level).
 * A1111 (``extensions-builtin/Lora/networks.py`` ``load_network``) first passes the name through
   ``convert_diffusers_name_to_compvis``, whose regexes hard-code SD 1.x/2.x block arithmetic (3 ldm blocks per
   level, the upsampler at ``output_blocks.{3i+2}.{2 if i > 0 else 1}``); an ldm name matches none of them, and
   the ``lora_unet`` -> ``diffusion_model`` fallback then finds the module directly in ``network_layer_mapping``
   (the ldm model's module names). The ldm form is therefore exact for any UNet layout, the diffusers form only
-  for SD 1.x-shaped ones.
+  for SD 1.x/2.x-shaped ones.
+* diffusers (measured with 0.42.1, docs/COMFYUI.md "Trainer exports in the stock loaders"):
+  ``StableDiffusionPipeline.load_lora_weights(file)`` converts diffusers-named kohya keys by plain renaming
+  (``_convert_non_diffusers_lora_to_diffusers``), for any layout. It does **not** read ldm names for SD 1.x: the
+  SD pipeline never passes the UNet config to ``lora_state_dict``, so ``_maybe_map_sgm_blocks_to_diffusers``
+  never runs and the load fails with ``NoMatchingPeftModuleError``. Passing ``unet_config=pipe.unet.config``
+  makes it run, but it collects the keys of block ``i`` by substring (``input_blocks_1`` also takes blocks 10 and
+  11; written for SDXL's 9 blocks), so on SD 1.5 every LoRA with keys in block 1 and in block 10 or 11 (any
+  resnet-conv LoRA) fails with a ``KeyError``; it also reads inner index 1 of an output block as ``attentions``,
+  so an upsampler LoRA of an up block without attention (``output_blocks_N_1_conv``) lands on a missing module.
+  On layouts with fewer than 11 input and output blocks ``unet_config=`` does map ldm names, such upsampler
+  LoRAs excepted.
 
-Diffusers-named kohya keys (what ``diffusers.utils.convert_state_dict_to_kohya`` writes, which also sets
-alpha = rank) are read as input and come out ldm-named.
-
-diffusers' ``load_lora_weights`` reads the ldm names too (``_maybe_map_sgm_blocks_to_diffusers``, from the UNet
-config), with one limit of its own: inner index 1 of an output block is always taken as ``attentions``, so an
-upsampler LoRA of an up block *without* attention (``output_blocks_N_1_conv``, SD 1.5's ``up_blocks.0``) lands
-on a missing module and diffusers warns. ComfyUI and A1111 place it correctly; the default SDM-LoRA targets
-(attention projections, resnet convs) are not affected.
+The automatic rule (`kohya_names_for`): diffusers names when, for every Linear/conv module of the layout (every
+module of `unet_module_map` but the norms), A1111's conversion of the diffusers-named kohya name
+(`lora_check.a1111_convert_name`) gives exactly our ldm module and ComfyUI's ``unet_to_diffusers``
+(`lora_check.comfyui_unet_to_diffusers`) maps the diffusers path to that same ldm module. That holds for SD 1.x
+and 2.x-shaped UNets (3 ldm blocks per level: ``layers_per_block=2`` on every level; no attention in
+``up_blocks.0``, attention in every other up block that has an upsampler); for any other layout (e.g.
+``layers_per_block=1``) ldm names are written, which ComfyUI and A1111 load exactly and diffusers only with
+``unet_config=`` (above). Either naming is read as input.
 
 **Module paths** (`unet_module_map`) are derived from the UNet config (levels, ``layers_per_block``, which blocks
 have attention, transformer depth), not from an SD 1.5 table. With ``L`` levels and ``n_x`` resnets in down
@@ -72,6 +87,7 @@ from .safe_load import WeightsError, load_safetensors, sniff_file_format
 
 __all__ = [
     "KNOWN_LORA_FORMATS",
+    "KOHYA_NAMES",
     "KOHYA_UNET_PREFIX",
     "LORA_FORMATS",
     "LoraConversion",
@@ -82,6 +98,7 @@ __all__ = [
     "convert_lora_state_dict",
     "detect_lora_format",
     "kohya_module_name",
+    "kohya_names_for",
     "load_lora_file",
     "lora_alphas_of",
     "peft_adapter_metadata",
@@ -99,12 +116,16 @@ LORA_FORMATS = ("kohya", "peft")
 #: Prefix of kohya UNet module names.
 KOHYA_UNET_PREFIX = "lora_unet_"
 
+#: The kohya module namings `convert_lora_state_dict` writes (``kohya_names=``, ``l2i-convert lora --kohya-names``):
+#: ``auto`` picks ``diffusers`` or ``ldm`` from the UNet layout (`kohya_names_for`).
+KOHYA_NAMES = ("auto", "diffusers", "ldm")
+
 #: What `detect_lora_format` recognises (listed in its errors).
 KNOWN_LORA_FORMATS = (
     "kohya: lora_unet_<ldm module path with '_'>.lora_down.weight / .lora_up.weight / .alpha "
     "(e.g. lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight)",
     "kohya with diffusers module names: lora_unet_down_blocks_0_attentions_0_..._to_q.lora_down.weight "
-    "(read only; written with ldm names)",
+    "(written for SD 1.x/2.x-shaped UNets, ldm names for other layouts)",
     "PEFT/diffusers: [unet.|base_model.model.]<diffusers module path>.lora_A.weight / .lora_B.weight "
     "(e.g. down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight)",
 )
@@ -294,16 +315,76 @@ def unet_module_map(unet_config: Any = None) -> dict[str, str]:
     return dict(_tables_for(unet_config)[0].to_ldm)
 
 
-def kohya_module_name(module_path: str, unet_config: Any = None) -> str:
-    """The kohya name we write for a diffusers module path (``lora_unet_`` + ldm path with "_").
+def _is_norm(path: str) -> bool:
+    """A GroupNorm/LayerNorm module of the map (no LoRA target: PEFT and both UIs' LoRA types skip norms)."""
+    return path == "conv_norm_out" or re.fullmatch(r"norm\d?", path.rpartition(".")[2]) is not None
+
+
+@functools.lru_cache(maxsize=16)
+def _diffusers_names_exact(config_json: str) -> bool:
+    """True when every Linear/conv module's diffusers-named kohya name lands on our ldm module in A1111 and ComfyUI."""
+    from .lora_check import a1111_convert_name, comfyui_unet_config, comfyui_unet_to_diffusers
+
+    try:
+        comfy = comfyui_unet_to_diffusers(comfyui_unet_config(json.loads(config_json)))
+    except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError):  # a config ComfyUI's rules cannot read
+        return False
+    for path, ldm in _tables(config_json).to_ldm.items():
+        if _is_norm(path):
+            continue
+        name = KOHYA_UNET_PREFIX + path.replace(".", "_")
+        if a1111_convert_name(name) != "diffusion_model_" + ldm.replace(".", "_"):
+            return False
+        if comfy.get(f"{path}.weight") != f"{ldm}.weight":
+            return False
+    return True
+
+
+def kohya_names_for(unet_config: Any = None) -> str:
+    """The kohya module naming ``kohya_names="auto"`` writes for a UNet layout: ``"diffusers"`` or ``"ldm"``.
+
+    ``"diffusers"`` (``lora_unet_down_blocks_0_attentions_0_...``, kohya sd-scripts' naming for SD 1.x/2.x) when, for
+    every Linear/conv module of the layout (`unet_module_map` without the norms), A1111's
+    ``convert_diffusers_name_to_compvis`` (`lora_check.a1111_convert_name`) turns the diffusers-named kohya name
+    into exactly our ldm module and ComfyUI's ``unet_to_diffusers`` (`lora_check.comfyui_unet_to_diffusers`) maps
+    the diffusers path to that same module: then ComfyUI, A1111 and diffusers' plain ``load_lora_weights`` all
+    read the file. Otherwise ``"ldm"`` (``lora_unet_input_blocks_1_1_...``), which ComfyUI and A1111 read for any
+    layout. SD 1.5's and SD 2.x's UNets get ``"diffusers"``.
+
+    Args:
+        unet_config (`Mapping` or `UNet2DConditionModel`, *optional*): the diffusers UNet config; SD 1.5's when None.
+    """
+    _, config = _tables_for(unet_config)  # raises for a config the module map refuses
+    return "diffusers" if _diffusers_names_exact(json.dumps(config, sort_keys=True)) else "ldm"
+
+
+def _resolve_kohya_names(kohya_names: str, config: Mapping[str, Any]) -> str:
+    if kohya_names not in KOHYA_NAMES:
+        raise ValueError(f"kohya_names={kohya_names!r}: expected one of {', '.join(KOHYA_NAMES)}")
+    if kohya_names == "auto":
+        return kohya_names_for(config)
+    return kohya_names
+
+
+def _kohya_name(path: str, tables: _Tables, naming: str) -> str:
+    return KOHYA_UNET_PREFIX + (path if naming == "diffusers" else tables.to_ldm[path]).replace(".", "_")
+
+
+def kohya_module_name(module_path: str, unet_config: Any = None, kohya_names: str = "auto") -> str:
+    """The kohya name we write for a diffusers module path: ``lora_unet_`` + the diffusers or the ldm path with "_".
+
+    Args:
+        module_path (`str`): a diffusers module path (``down_blocks.0.resnets.0.conv1``).
+        unet_config (`Mapping` or UNet, *optional*): the UNet config; SD 1.5's when None.
+        kohya_names (`str`, defaults to `"auto"`): `KOHYA_NAMES`; ``auto`` is `kohya_names_for` the config.
 
     Raises:
         LoraFormatError: the path is not a module of this UNet layout.
     """
-    tables, _ = _tables_for(unet_config)
+    tables, config = _tables_for(unet_config)
     if module_path not in tables.to_ldm:
         raise LoraFormatError(f"{module_path!r} is not a module of this UNet layout (see unet_module_map)")
-    return KOHYA_UNET_PREFIX + tables.to_ldm[module_path].replace(".", "_")
+    return _kohya_name(module_path, tables, _resolve_kohya_names(kohya_names, config))
 
 
 # ---------------------------------------------------------------------------------------------------- detection
@@ -375,6 +456,8 @@ class LoraConversion:
             with ``strict=False``).
         unet_config (`dict`): the UNet config used for the module paths.
         conv_modules (`tuple[str, ...]`): the modules whose down projection is a conv (LoCon).
+        kohya_names (`str`): the module naming of a kohya output, ``"diffusers"`` or ``"ldm"`` (`KOHYA_NAMES`);
+            empty for a PEFT output.
     """
 
     state_dict: dict[str, torch.Tensor]
@@ -387,6 +470,7 @@ class LoraConversion:
     unexpected: tuple[str, ...] = ()
     unet_config: dict[str, Any] = field(default_factory=dict)
     conv_modules: tuple[str, ...] = ()
+    kohya_names: str = ""
 
 
 def _short(items, n: int = 6) -> str:
@@ -425,12 +509,14 @@ def convert_lora_state_dict(
     prefix: str | None = None,
     strict: bool = True,
     check_shapes: bool = True,
+    kohya_names: str = "auto",
 ) -> LoraConversion:
     """Rename a UNet LoRA state dict between the PEFT and the kohya format.
 
-    Pure: neither the input dict nor its tensors are modified. Idempotent: a kohya input with ldm names comes back
-    unchanged by ``to="kohya"`` (same keys, same tensors), a PEFT input by ``to="peft"`` (unless ``prefix`` asks for
-    another prefix). PEFT -> kohya -> PEFT gives back the same keys and tensors.
+    Pure: neither the input dict nor its tensors are modified. Idempotent: a kohya input already in the naming asked
+    for comes back unchanged by ``to="kohya"`` (same keys, same tensors), a PEFT input by ``to="peft"`` (unless
+    ``prefix`` asks for another prefix). PEFT -> kohya -> PEFT gives back the same keys and tensors, with either
+    kohya naming; a kohya input in either naming (or a mix) converts to PEFT.
 
     Args:
         state_dict (`Mapping[str, torch.Tensor]`): a LoRA in a format `detect_lora_format` knows.
@@ -446,32 +532,45 @@ def convert_lora_state_dict(
         check_shapes (`bool`, defaults to True): check every module's shapes against the UNet the config describes
             (built on the meta device), which catches a LoRA converted with the wrong config: module names alone
             often fit several layouts.
+        kohya_names (`str`, defaults to `"auto"`): the module names of a kohya output (`KOHYA_NAMES`):
+            ``"diffusers"`` (``lora_unet_down_blocks_0_...``), ``"ldm"`` (``lora_unet_input_blocks_1_...``) or
+            ``"auto"``: `kohya_names_for` the UNet config (diffusers names for SD 1.x/2.x-shaped UNets, which
+            ComfyUI, A1111 and diffusers all read; ldm names otherwise). Ignored for ``to="peft"``.
 
     Raises:
         LoraFormatError: unknown or mixed format, unknown modules or suffixes, unpaired or ill-shaped tensors.
-        ValueError: bad ``to``/``prefix``/``alpha`` arguments.
+        ValueError: bad ``to``/``prefix``/``alpha``/``kohya_names`` arguments.
     """
     if to not in LORA_FORMATS:
         raise ValueError(f"to={to!r}: expected one of {', '.join(LORA_FORMATS)}")
     if prefix not in (None, "", "unet."):
         raise ValueError(f"prefix={prefix!r}: expected '' or 'unet.'")
+    if kohya_names not in KOHYA_NAMES:
+        raise ValueError(f"kohya_names={kohya_names!r}: expected one of {', '.join(KOHYA_NAMES)}")
     tables, config = _tables_for(unet_config)
     source = detect_lora_format(state_dict)
     if source == "kohya" and alpha is not None:
         raise ValueError("alpha is only for PEFT input; a kohya state dict carries its alphas in '.alpha' keys")
+    naming = _resolve_kohya_names(kohya_names, config) if to == "kohya" else ""
+    if naming == "diffusers" and kohya_names == "diffusers" and kohya_names_for(config) != "diffusers":
+        logger.warning(
+            "kohya_names='diffusers' for a UNet layout that is not SD 1.x/2.x-shaped: A1111 maps diffusers-named "
+            "kohya keys with SD 1.x block arithmetic and will put some of them on the wrong modules or drop them "
+            "(kohya_names='auto' writes ldm names here)"
+        )
 
     # module path -> {"down"/"up"/"alpha": (key, tensor)}
     parts: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     unexpected: list[str] = []
     prefixes: set[str] = set()
-    kohya_ldm_named = True
+    kohya_named_as_asked = True  # every kohya input key already has the name a kohya output would give it
     for key, value in state_dict.items():
         if source == "kohya":
             split = _kohya_split(key)
             path = tables.from_kohya.get(split[0]) if split else None
             part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[split[1]] if path else None
-            if path is not None and split[0] != KOHYA_UNET_PREFIX + tables.to_ldm[path].replace(".", "_"):
-                kohya_ldm_named = False
+            if path is not None and split[0] != _kohya_name(path, tables, naming or "ldm"):
+                kohya_named_as_asked = False
         else:
             split = _peft_split(key)
             path = split[1] if split and split[1] in tables.to_ldm else None
@@ -554,12 +653,12 @@ def convert_lora_state_dict(
             raise LoraFormatError(f"module {p!r}: alpha={a!r}; expected a finite positive number")
 
     out: dict[str, torch.Tensor] = {}
-    if to == source and (to == "kohya" and kohya_ldm_named or to == "peft" and prefix in (None, *prefixes)):
+    if to == source and (to == "kohya" and kohya_named_as_asked or to == "peft" and prefix in (None, *prefixes)):
         dropped = set(unexpected)
         out = {k: v for k, v in state_dict.items() if k not in dropped}
     elif to == "kohya":
         for p, s in parts.items():
-            name = KOHYA_UNET_PREFIX + tables.to_ldm[p].replace(".", "_")
+            name = _kohya_name(p, tables, naming)
             out[f"{name}.lora_down.weight"] = s["down"][1]
             out[f"{name}.lora_up.weight"] = s["up"][1]
             if source == "peft" or "alpha" in s:
@@ -580,6 +679,7 @@ def convert_lora_state_dict(
         unexpected=tuple(unexpected),
         unet_config=config,
         conv_modules=tuple(p for p, s in parts.items() if s["down"][1].ndim == 4),
+        kohya_names=naming,
     )
 
 
@@ -841,16 +941,19 @@ def save_lora_file(
     metadata: WeightsMetadata | None = None,
     extra_metadata: Mapping[str, str] | None = None,
     dtype: torch.dtype | None = None,
+    kohya_names: str = "auto",
 ) -> LoraConversion:
     """Convert a UNet LoRA (any known format) to ``to`` and write it as safetensors.
 
-    kohya files get kohya's ``ss_*`` fields; PEFT files get diffusers' ``lora_adapter_metadata`` (so
-    ``load_lora_weights`` uses the right alpha) and the ``unet.`` key prefix diffusers expects. Both get our
-    ``l2i.*`` metadata (``metadata``, or a bare ``lora`` record) with ``l2i.unet_config``.
+    kohya files get kohya's ``ss_*`` fields and ``l2i.kohya_names`` (the module naming written, ``diffusers`` or
+    ``ldm``); PEFT files get diffusers' ``lora_adapter_metadata`` (so ``load_lora_weights`` uses the right alpha)
+    and the ``unet.`` key prefix diffusers expects. Both get our ``l2i.*`` metadata (``metadata``, or a bare
+    ``lora`` record) with ``l2i.unet_config``.
 
     Args:
         path (`str` or `os.PathLike`): the output file.
-        state_dict, to, unet_config, alpha: as in `convert_lora_state_dict`.
+        state_dict, to, unet_config, alpha, kohya_names: as in `convert_lora_state_dict` (``kohya_names="auto"``:
+            diffusers module names for SD 1.x/2.x-shaped UNets, ldm names otherwise; `kohya_names_for`).
         metadata (`WeightsMetadata`, *optional*): our metadata (kind ``lora``).
         extra_metadata (`Mapping[str, str]`, *optional*): more raw ``__metadata__`` entries.
         dtype (`torch.dtype`, *optional*): cast the LoRA matrices (alphas stay float32); None keeps them.
@@ -861,13 +964,21 @@ def save_lora_file(
     from safetensors.torch import save_file
 
     conv = convert_lora_state_dict(
-        state_dict, to, unet_config=unet_config, alpha=alpha, prefix="unet." if to == "peft" else None
+        state_dict,
+        to,
+        unet_config=unet_config,
+        alpha=alpha,
+        prefix="unet." if to == "peft" else None,
+        kohya_names=kohya_names,
     )
     if metadata is None:
         metadata = WeightsMetadata(kind="lora")
     if metadata.kind != "lora":
         raise ValueError(f"metadata.kind={metadata.kind!r}; a LoRA file needs kind 'lora'")
+    metadata = metadata.replace(extra={k: v for k, v in metadata.extra.items() if k != "kohya_names"})
     metadata = metadata.with_extra(unet_config=json.dumps(conv.unet_config, sort_keys=True))
+    if to == "kohya":
+        metadata = metadata.with_extra(kohya_names=conv.kohya_names)
     raw = metadata.to_safetensors()
     if to == "kohya":
         raw.update(_kohya_metadata(conv))
@@ -892,12 +1003,14 @@ def convert_lora_file(
     unet_config: Any = None,
     alpha: float | None = None,
     dtype: torch.dtype | None = None,
+    kohya_names: str = "auto",
 ) -> LoraConversion:
     """Read a LoRA file once and write it as ``to`` (``"kohya"`` or ``"peft"``).
 
     The UNet layout comes from ``unet_config``, else the file's ``l2i.unet_config``, else SD 1.5. For a PEFT input
     the alpha comes from ``alpha``, else the file's metadata; with neither the conversion to kohya fails (it never
-    guesses alpha = rank). Our metadata is carried over.
+    guesses alpha = rank). A kohya output gets the module names ``kohya_names`` asks for (`KOHYA_NAMES`; ``auto``:
+    `kohya_names_for` the layout), whatever the input's naming. Our metadata is carried over.
     """
     loaded = load_lora_file(source)
     config = unet_config if unet_config is not None else loaded.unet_config
@@ -926,4 +1039,5 @@ def convert_lora_file(
         metadata=md,
         extra_metadata=keep,
         dtype=dtype,
+        kohya_names=kohya_names,
     )

@@ -31,7 +31,9 @@ each loader does with it.
    upsampler at ``output_blocks_{3i + 2}_{2 if i > 0 else 1}_conv``) and is looked up among the ldm model's
    module names with "." -> "_" (``diffusion_model_input_blocks_1_1_...``); failing that, ``<name>_[qkv]_proj``
    is cut to ``<name>``, and then ``lora_unet`` is replaced by ``diffusion_model`` in the original name.
-3. A name found nowhere goes to ``keys_failed_to_match``, logged at DEBUG only: silently not loaded.
+3. A name found nowhere goes to ``keys_failed_to_match``, logged at DEBUG only: silently not loaded. Two names that
+   land on one module (the SD 1.x arithmetic on another layout can do that) share its ``NetworkWeights``: the later
+   key's tensor replaces the earlier one, which is silently not loaded.
 4. The parts of each matched module must fit a module type; for LoRA ``lora_up.weight`` + ``lora_down.weight``
    (or ``lora_A``/``lora_B``), on a Linear or Conv2d. Otherwise A1111 raises ``AssertionError`` and the **whole**
    LoRA fails to load. The scale is ``alpha / lora_down.shape[0]``, 1 without alpha.
@@ -465,7 +467,11 @@ def _a1111(shapes: Mapping[str, tuple[int, ...]], config: dict[str, Any]) -> dic
         if module is None:
             verdict[key] = ("not loaded", f"{name!r} matches no module (keys_failed_to_match, logged at DEBUG)")
         else:
-            groups.setdefault(module, {})[part] = key
+            group = groups.setdefault(module, {})
+            if part in group:  # two names land on one module: A1111 keeps the later tensor (NetworkWeights.w[part])
+                earlier = group[part]
+                verdict[earlier] = ("not loaded", f"{module} also named by {key!r}, whose tensor replaces it")
+            group[part] = key
     for module, parts in groups.items():
         names = set(parts)
         lora_pair = next((p for p in _A1111_PARTS["lora"] if p <= names), None)

@@ -2,8 +2,9 @@
 
 The two parts of an SDM-LoRA go in two files (comfyui.md §5):
 
-* ``<name>.safetensors``: the LoRA part in kohya format with ldm module names (`layout2image.weights.lora`), which
-  ComfyUI's "Load LoRA", A1111/Forge ``<lora:name:1>`` and diffusers ``load_lora_weights`` read as they are. It
+* ``<name>.safetensors``: the LoRA part in kohya format (`layout2image.weights.lora`; diffusers module names for
+  SD 1.x/2.x-shaped UNets, ldm names otherwise: `kohya_names_for`), which ComfyUI's "Load LoRA", A1111/Forge
+  ``<lora:name:1>`` and diffusers ``load_lora_weights`` read as they are. It
   holds **no SPADE keys**: A1111 raises on unknown parts of known modules and ComfyUI warns about every key it
   cannot place, so SPADE weights stay out of it. A stock loader thus gives "LoRA without SPADE", a degraded mode.
 * ``<name>.spade.safetensors``: the ``SPADEAdapter`` state dict (``sites.<site key>.sem_{shared,gamma,beta}.
