@@ -427,6 +427,12 @@ def test_sd1x_shaped_kohya_export_loads_in_a_plain_diffusers_pipeline(tmp_path):
     diffusers_roots = ("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_")
     assert all(k.startswith(diffusers_roots) for k in saved.state_dict)
     assert check_lora_file(files.lora_path).ok
+    report = inspect_weights(files.lora_path)
+    assert "diffusers pipe.load_lora_weights(path)" in report.loaders  # the plain call: no unet_config= needed
+    assert not any("ldm module names" in n for n in report.notes)
+    assert set(report.key_groups) <= {f"lora_unet_{b}_{i}" for b in ("down_blocks", "up_blocks") for i in range(4)} | {
+        "lora_unet_mid_block"
+    }
 
     plain = UNet2DConditionModel(**config).eval()
     plain.load_state_dict(base_state)
@@ -883,7 +889,14 @@ def test_inspect_lora_and_spade_files(saved, tmp_path):
     text = report.to_text()
     assert f"kohya UNet LoRA, {len(saved['files'].lora.modules)} modules" in text and "alpha 8, scale 2" in text
     assert "ComfyUI 'Load LoRA'" in text and "AUTOMATIC1111" in text and "spade.safetensors" in text
-    assert "unet_config" not in text  # long JSON fields are not printed
+    assert "l2i.unet_config" not in text and '"in_channels"' not in text  # long JSON fields are not printed
+    # The toy layout (layers_per_block=1) gets ldm names: diffusers needs unet_config=, and the report says so.
+    assert "diffusers pipe.load_lora_weights(path, unet_config=pipe.unet.config)" in report.loaders
+    assert any("ldm module names" in n and "--kohya-names diffusers" in n for n in report.notes)
+    assert report.key_groups and all(
+        g.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block"))
+        for g in report.key_groups
+    )
     spade = inspect_weights(saved["files"].spade_path)
     assert spade.kind == "spade" and "12 GroupNorm sites, 8 layout channels" in spade.summary
     peft = tmp_path / "peft.safetensors"

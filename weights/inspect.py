@@ -54,7 +54,13 @@ _LAYOUT2IMAGE_SDM = "layout2image (weights.load_sdm_lora with its <name>.spade.s
 _LAYOUT2IMAGE_PIXEL_SDM = "layout2image (weights.sdm_from_file / load_sdm_file, core.sdm.SDMUNet)"
 _SPADE_KEY = re.compile(r"sites\.[^.]+\.sem_(shared|gamma|beta)\.(weight|bias)")
 _LONG_FIELDS = ("config", "unet_config")
-_KOHYA_BLOCK = re.compile(r"(lora_unet_(?:input_blocks_\d+|output_blocks_\d+|middle_block|time_embed|out))_")
+# Kohya module names have no dots: group them by block, in ldm names (lora_unet_input_blocks_1_...) or in diffusers
+# names (lora_unet_down_blocks_0_..., kohya_names="diffusers").
+_KOHYA_BLOCK = re.compile(
+    r"(lora_unet_(?:input_blocks_\d+|output_blocks_\d+|middle_block|time_embed|out"
+    r"|down_blocks_\d+|up_blocks_\d+|mid_block|time_embedding|conv_in|conv_out))_"
+)
+_KOHYA_LDM_NAME = re.compile(r"lora_unet_(?:input_blocks|output_blocks|middle_block|time_embed|out)_")
 
 
 @dataclass(frozen=True)
@@ -237,7 +243,17 @@ def _lora_report(infos: Mapping[str, TensorInfo], raw: Mapping[str, str], metada
                 f"A1111 ({layout}): {len(report.failing('a1111'))} key(s) not loaded, e.g. "
                 f"{report.failing('a1111')[0].key}"
             )
-    loaders.append("diffusers pipe.load_lora_weights(path)")
+    ldm_named = any(_KOHYA_LDM_NAME.match(k) for k in unet_keys)
+    if not ldm_named:
+        loaders.append("diffusers pipe.load_lora_weights(path)")
+    else:
+        # Measured with diffusers 0.42.1 (docs/COMFYUI.md, "Trainer exports in the stock loaders").
+        loaders.append("diffusers pipe.load_lora_weights(path, unet_config=pipe.unet.config)")
+        notes.append(
+            "ldm module names: diffusers' SD pipeline maps them only when given unet_config=, and then not for "
+            "UNets with 11+ input/output blocks (SD 1.x) whose LoRA has keys in block 1 and in block 10 or 11; "
+            "for SD 1.x/2.x write diffusers names: l2i-convert lora --to kohya --kohya-names diffusers IN OUT"
+        )
     if metadata is not None and "spade_file" in metadata.extra:
         loaders.append(_LAYOUT2IMAGE_SDM)
         notes.append(
@@ -245,7 +261,7 @@ def _lora_report(infos: Mapping[str, TensorInfo], raw: Mapping[str, str], metada
             "(no layout conditioning)"
         )
     groups: dict[str, int] = {}
-    for key in infos:  # kohya names have no dots: group by ldm block (lora_unet_input_blocks_1, ...)
+    for key in infos:
         m = _KOHYA_BLOCK.match(key)
         group = m[1] if m else key.partition(".")[0]
         groups[group] = groups.get(group, 0) + 1
