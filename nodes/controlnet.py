@@ -55,6 +55,7 @@ from ..weights import (
     table_path_for,
 )
 from ..weights.metadata import describe_label_set
+from .model_files import model_file_options, no_file_entry, resolve_model_path
 from .types import LabelMap, LabelMapType, LabelSetType
 
 __all__ = [
@@ -82,7 +83,7 @@ LAYOUT_HINT_ATTR = "l2i_layout_hint"
 #: Where an ALDM-native ControlNet's class-embedding table comes from.
 TABLE_SOURCES = ("auto", "companion file", "CLIP")
 #: Combo entry shown when the controlnet folder holds no file (the `path` input is then required).
-NO_FILE = "(no file in models/controlnet: set path)"
+NO_FILE = no_file_entry("controlnet")
 #: Output widths of ComfyUI's fixed standard hint block (ldm ``input_hint_block.0, 2, ..., 12``), then C0.
 COMFY_HINT_WIDTHS = (16, 16, 32, 32, 96, 96, 256)
 _TABLE_SUFFIX = ".table.safetensors"
@@ -532,27 +533,20 @@ def apply_layout_controlnet(
 
 # ---------------------------------------------------------------------------------------------- nodes
 def _controlnet_files() -> list[str]:
-    import folder_paths
-
-    files = [f for f in folder_paths.get_filename_list("controlnet") if not f.endswith(_TABLE_SUFFIX)]
-    return files or [NO_FILE]
+    return model_file_options("controlnet", _TABLE_SUFFIX)
 
 
 def _resolve_path(controlnet_name: str, path: str) -> Path:
-    text = (path or "").strip().strip('"')
-    if text:
-        resolved = Path(text).expanduser()
-        if not resolved.exists():
-            raise ControlNetLoadError(f"`path` {text!r} does not exist; give a ControlNet file or diffusers folder")
-        return resolved
-    if controlnet_name == NO_FILE or not controlnet_name:
-        raise ControlNetLoadError("no ControlNet chosen: put the file in models/controlnet, or set `path`")
-    import folder_paths
-
-    full = folder_paths.get_full_path("controlnet", controlnet_name)
-    if full is None:
-        raise ControlNetLoadError(f"`controlnet_name` {controlnet_name!r} is not in ComfyUI's controlnet folders")
-    return Path(full)
+    return resolve_model_path(
+        "controlnet",
+        controlnet_name,
+        path,
+        error=ControlNetLoadError,
+        kind="ControlNet",
+        name_input="controlnet_name",
+        folder_allowed=True,
+        wanted="a ControlNet file or diffusers folder",
+    )
 
 
 class L2IALDMControlNetLoader(io.ComfyNode):

@@ -24,6 +24,7 @@ from ..core.labels import LabelSet
 from ..core.logging import get_logger
 from ..weights import SPADE_SUFFIX, convert_lora_state_dict, load_lora_file, spade_path_for
 from ..weights.metadata import describe_label_set
+from .model_files import model_file_options, no_file_entry, resolve_model_path
 from .spade import SpadeType, SpadeWeights, comfy_site_paths, load_spade_weights
 from .types import LabelSetType
 
@@ -33,7 +34,7 @@ logger = get_logger(__name__)
 
 CATEGORY = "layout2image/sdm"
 LOADER_NAME = "Load SDM-LoRA (LoRA + SPADE)"
-NO_FILE = "(no file in models/loras: set path)"
+NO_FILE = no_file_entry("loras")
 
 
 class SDMLoraError(ValueError):
@@ -108,27 +109,20 @@ def load_sdm_lora_for_models(model, clip, lora_path: str | Path, strength: float
 
 
 def _lora_files() -> list[str]:
-    import folder_paths
-
-    files = [f for f in folder_paths.get_filename_list("loras") if not f.endswith(SPADE_SUFFIX)]
-    return files or [NO_FILE]
+    return model_file_options("loras", SPADE_SUFFIX)
 
 
 def _resolve_path(lora_name: str, path: str) -> Path:
-    text = (path or "").strip().strip('"')
-    if text:
-        resolved = Path(text).expanduser()
-        if not resolved.is_file():
-            raise SDMLoraError(f"`path` {text!r} is not a file; give the SDM-LoRA's <name>.safetensors")
-        return resolved
-    if lora_name == NO_FILE or not lora_name:
-        raise SDMLoraError("no LoRA chosen: put the SDM-LoRA in models/loras, or set `path`")
-    import folder_paths
-
-    full = folder_paths.get_full_path("loras", lora_name)
-    if full is None:
-        raise SDMLoraError(f"`lora_name` {lora_name!r} is not in ComfyUI's loras folders")
-    return Path(full)
+    return resolve_model_path(
+        "loras",
+        lora_name,
+        path,
+        error=SDMLoraError,
+        kind="SDM-LoRA",
+        name_input="lora_name",
+        folder_allowed=False,
+        wanted="the SDM-LoRA's <name>.safetensors",
+    )
 
 
 def _describe(spade: SpadeWeights) -> str:

@@ -422,6 +422,14 @@ def test_loader_node_lists_the_controlnet_folder_and_outputs_its_label_set(comfy
         assert "rgb hint" in out.args[2]
         with pytest.raises(comfy.cn.ControlNetLoadError, match="not in ComfyUI's controlnet folders"):
             comfy.cn.L2IALDMControlNetLoader.execute(controlnet_name="missing.safetensors")
+        with pytest.raises(comfy.cn.ControlNetLoadError, match=r"`path` '.*nowhere.safetensors' does not exist"):
+            comfy.cn.L2IALDMControlNetLoader.execute(
+                controlnet_name=comfy.cn.NO_FILE, path=f'"{tmp_path}/nowhere.safetensors"'
+            )
+        with pytest.raises(
+            comfy.cn.ControlNetLoadError, match="no ControlNet chosen: put the file in models/controlnet"
+        ):
+            comfy.cn.L2IALDMControlNetLoader.execute(controlnet_name=comfy.cn.NO_FILE, path="  ")
         key = comfy.cn.L2IALDMControlNetLoader.fingerprint_inputs(controlnet_name=files["aldm"].name)
         assert len(key) == 4
     finally:

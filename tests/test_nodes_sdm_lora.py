@@ -187,7 +187,7 @@ def test_errors_name_the_problem(comfy, saved, tmp_path):
         comfy.sdm.load_sdm_lora_for_models(_patcher(comfy), None, saved.files.lora_path, float("nan"))
 
 
-def test_node_lists_loras_without_companions_and_feeds_apply_spade(comfy, saved):
+def test_node_lists_loras_without_companions_and_feeds_apply_spade(comfy, saved, tmp_path):
     comfy.folder_paths.reset()
     comfy.folder_paths.add_model_folder_path("loras", str(saved.folder))
     try:
@@ -212,6 +212,10 @@ def test_node_lists_loras_without_companions_and_feeds_apply_spade(comfy, saved)
             comfy.spade.L2IApplySPADE.execute(model=new_model, spade_file="", label_map=label_map, spade="nope")
         with pytest.raises(comfy.sdm.SDMLoraError, match="not in ComfyUI's loras folders"):
             comfy.sdm.L2ISDMLoraLoader.execute(model=model, lora_name="missing.safetensors")
+        with pytest.raises(comfy.sdm.SDMLoraError, match=r"`path` .* is not a file; give the SDM-LoRA's"):
+            comfy.sdm.L2ISDMLoraLoader.execute(model=model, lora_name=comfy.sdm.NO_FILE, path=str(tmp_path))
+        with pytest.raises(comfy.sdm.SDMLoraError, match="no SDM-LoRA chosen: put the file in models/loras"):
+            comfy.sdm.L2ISDMLoraLoader.execute(model=model, lora_name=comfy.sdm.NO_FILE)
     finally:
         comfy.folder_paths.reset()
     assert comfy.sdm.L2ISDMLoraLoader.GET_SCHEMA().inputs[1].options == [comfy.sdm.NO_FILE]
