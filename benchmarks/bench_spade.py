@@ -37,6 +37,7 @@ from layout2image.core.spade import (
     spade_layout,
     unpatch_unet,
 )
+from layout2image.testing import tiny_unet_config
 
 logger = get_logger("benchmarks.bench_spade")
 
@@ -62,18 +63,7 @@ SD15_UNET_CONFIG = dict(
 )
 SD15_TEXT_TOKENS = 77
 
-TINY_UNET_CONFIG = dict(
-    sample_size=16,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    block_out_channels=(32, 64),
-    layers_per_block=2,
-    norm_num_groups=8,
-    cross_attention_dim=32,
-    attention_head_dim=8,
-)
+TINY_UNET_CONFIG = tiny_unet_config(layers_per_block=2)
 TINY_TEXT_TOKENS = 8
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -43,28 +43,13 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from layout2image.core.controlnet import build_controlnet, hint_spec_for
 from layout2image.core.discriminator import build_discriminator, tiny_segmenter_config
 from layout2image.core.labels import get_label_set
+from layout2image.testing import tiny_unet_config, tiny_vae_config
 from layout2image.trainer.conditioning import ControlNetConditioner
 from layout2image.trainer.step import AdversarialConfig, LayoutDiffusionStep, encode_images
 
 SD15_CONFIG_DIR = Path(__file__).resolve().parents[1] / "trainer" / "sd15_config"
-TINY_UNET = dict(
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    sample_size=32,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32,
-    attention_head_dim=8,
-    norm_num_groups=8,
-)
-TINY_VAE = dict(
-    block_out_channels=(8, 16),
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-    latent_channels=4,
-    norm_num_groups=4,
-    layers_per_block=1,
-)
+TINY_UNET = tiny_unet_config(sample_size=32)
+TINY_VAE = tiny_vae_config()
 COMMON = dict(grid_steps=25, lambda_adv=0.1, warmup_start=0, warmup_end=0, fake_weight=0.01, lazy_every=8)
 SETTINGS = {
     "plain": AdversarialConfig(enabled=False, num_unroll_steps=0, timesteps="uniform"),

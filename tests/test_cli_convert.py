@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from layout2image.cli.convert import _TARGETS, main
 from layout2image.core.controlnet import build_controlnet
 from layout2image.core.labels import get_label_set
+from layout2image.testing import tiny_unet_config
 from layout2image.weights import (
     CONVERSION_TARGETS,
     WeightsMetadata,
@@ -29,15 +30,7 @@ from layout2image.weights import (
 
 LABELS = get_label_set("toy")
 EMBED = 8
-TINY_UNET = dict(
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    sample_size=16,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32,
-    norm_num_groups=32,
-)
+TINY_UNET = tiny_unet_config(norm_num_groups=32)
 
 
 @pytest.fixture(scope="module")

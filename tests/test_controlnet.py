@@ -23,19 +23,9 @@ from layout2image.core.controlnet import (
 )
 from layout2image.core.hints import class_embedding_hint, one_hot, palette_rgb
 from layout2image.core.labels import LabelSet, get_label_set
+from layout2image.testing import tiny_unet_config
 
-TINY_UNET = dict(
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    sample_size=16,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32,
-    attention_head_dim=8,
-    norm_num_groups=8,
-)
+TINY_UNET = tiny_unet_config()
 VAE_FACTOR = 2  # the toy world's VAE: 32x32 images <-> 16x16 latents; the standard hint block matches it
 LATENT = 16
 IMAGE = LATENT * VAE_FACTOR

@@ -13,16 +13,9 @@ from layout2image.core.decode import (
     latent_scale_factor,
     random_latent_crop,
 )
+from layout2image.testing import tiny_vae_config
 
-TINY_KL = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-    block_out_channels=(8, 16),
-    latent_channels=4,
-    norm_num_groups=4,
-)
+TINY_KL = tiny_vae_config()
 TINY_TAESD = dict(
     encoder_block_out_channels=(8, 8),
     decoder_block_out_channels=(8, 8),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -17,6 +15,7 @@ from layout2image.core.hints import (
     palette_rgb,
 )
 from layout2image.core.labels import get_label_set
+from layout2image.testing import tiny_clip as build_tiny_clip
 
 CS = get_label_set("cityscapes")
 
@@ -143,20 +142,9 @@ def test_table_builder_caches_by_encoder_id_in_memory_and_on_disk(tmp_path):
 
 @pytest.fixture
 def tiny_clip(tmp_path):
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in letters:
-        vocab[ch] = len(vocab)
-        vocab[ch + "</w>"] = len(vocab)
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=16)
     torch.manual_seed(0)
-    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                            num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)  # fmt: skip
-    return CLIPTextModel(config).eval(), tokenizer
+    model, tokenizer = build_tiny_clip(tmp_path)
+    return model.eval(), tokenizer
 
 
 def test_clip_encode_fn_eos_and_mean_pooling(tiny_clip):

@@ -25,6 +25,7 @@ import layout2image
 from layout2image.core.controlnet import ALDMConditioningEmbedding, build_controlnet
 from layout2image.core.hints import build_class_embedding_table, class_embedding_hint, one_hot, palette_rgb
 from layout2image.core.labels import LabelSet, get_label_set
+from layout2image.testing import tiny_unet_config
 from layout2image.weights import (
     KNOWN_FORMATS,
     UnknownFormatError,
@@ -47,18 +48,7 @@ TOY = get_label_set("toy")  # 8 classes, ignore 255
 N = TOY.num_classes
 EMBED = 16
 # SD conventions ComfyUI's cldm hard-codes: 32 GroupNorm groups; standard hint widths 16/32/96/256.
-TINY_UNET = dict(
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    sample_size=16,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32,
-    attention_head_dim=8,
-    norm_num_groups=32,
-)
+TINY_UNET = tiny_unet_config(norm_num_groups=32)
 VARIANTS = {
     "rgb": dict(hint="rgb"),
     "onehot": dict(hint="onehot", num_classes=N),

@@ -23,6 +23,7 @@ from torch import nn
 import layout2image
 from layout2image.core.labels import get_label_set
 from layout2image.core.sdm_lora import SDMLoraConfig, add_sdm_lora, get_sdm_lora_state_dicts, sdm_lora_parameters
+from layout2image.testing import tiny_unet_config
 from layout2image.weights import lora_alphas_of, save_sdm_lora, spade_path_for
 from layout2image.weights.lora_check import ldm_unet_shapes
 
@@ -37,18 +38,7 @@ GROUPS = 32  # ComfyUI's UNet hard-codes 32 GroupNorm groups
 
 
 def unet_config(layers_per_block: int = 1) -> dict:
-    return dict(
-        block_out_channels=(32, 64),
-        layers_per_block=layers_per_block,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=GROUPS,
-    )
+    return tiny_unet_config(layers_per_block=layers_per_block, norm_num_groups=GROUPS)
 
 
 def sdm_unet(layers_per_block: int = 1, seed: int = 3) -> UNet2DConditionModel:

@@ -9,17 +9,9 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from layout2image.core.controlnet import build_controlnet
 from layout2image.core.sampling import ControlInput, guided_noise, sample_latents
 from layout2image.core.spade import SPADEAdapter, patch_unet, spade_layout
+from layout2image.testing import tiny_unet_config
 
-TINY_UNET = dict(
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    sample_size=8,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=16,
-    attention_head_dim=8,
-    norm_num_groups=8,
-)
+TINY_UNET = tiny_unet_config(sample_size=8, cross_attention_dim=16)
 
 
 def _randomise(module, seed):

@@ -16,20 +16,10 @@ from layout2image.core.sdm_lora import (
     sdm_lora_parameters,
 )
 from layout2image.core.spade import SPADELayoutError, find_spade_sites, is_spade_patched, spade_layout
+from layout2image.testing import tiny_unet_config
 
 LAYOUT_CHANNELS = 5
-TINY_UNET = dict(
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    sample_size=16,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32,
-    attention_head_dim=8,
-    norm_num_groups=8,
-)
+TINY_UNET = tiny_unet_config()
 ATTENTION_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 

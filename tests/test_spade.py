@@ -31,31 +31,12 @@ from layout2image.core.spade import (
     spade_layout,
     unpatch_unet,
 )
+from layout2image.testing import sd1x_tiny_unet_config, tiny_unet_config
 
 LAYOUT_CHANNELS = 5
-TINY_UNET = dict(
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    sample_size=16,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32,
-    attention_head_dim=8,
-    norm_num_groups=8,
-)
+TINY_UNET = tiny_unet_config()
 # SD 1.5's block structure (types, layers_per_block 2) with tiny widths: the site count depends on structure only.
-SD15_STRUCTURE = dict(
-    block_out_channels=(32, 32, 64, 64),
-    layers_per_block=2,
-    sample_size=16,
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32,
-    attention_head_dim=8,
-    norm_num_groups=8,
-)
+SD15_STRUCTURE = sd1x_tiny_unet_config()
 SD15 = dict(block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8, sample_size=64)
 # sdm.md §10.4: SD 1.5's channels per site, (norm1 of resnets 0..2, norm2).
 SD15_CHANNELS = {

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
 import warnings
@@ -38,6 +37,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from layout2image.testing import sd1x_tiny_unet_config, tiny_unet_config, tiny_vae_config, write_tiny_sd
 from layout2image.trainer.config import load_config
 from layout2image.trainer.loop import Trainer
 
@@ -50,67 +50,25 @@ KEY_PROBLEM = re.compile(
 #: The one expected line: a UNet-only LoRA has no text-encoder keys, which diffusers notes ("safe to ignore").
 EXPECTED = re.compile(r"No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'")
 
-TINY_UNET = dict(
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    sample_size=16,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=16,
-    attention_head_dim=8,
-    norm_num_groups=8,
-)
+TINY_UNET = tiny_unet_config(cross_attention_dim=16)
 #: SD 1.5's block structure (4 levels, 3 cross-attention down blocks + 1 plain, 2 resnets per level) at tiny widths:
 #: the layout for which the kohya export writes diffusers module names.
-SD1X_TINY_UNET = dict(
-    block_out_channels=(32, 32, 64, 64),
-    layers_per_block=2,
-    sample_size=8,
-    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    cross_attention_dim=16,
-    attention_head_dim=8,
-    norm_num_groups=8,
-)
+SD1X_TINY_UNET = sd1x_tiny_unet_config(sample_size=8, cross_attention_dim=16)
 # An 8x VAE, so that the ControlNet gets SD's standard hint block (16/32/96/256, input_hint_block.0 ... .14): with
 # fewer convs (a 2x VAE cuts the block) diffusers' ldm reader misses the weights (it hard-codes conv_out = .14).
-TINY_VAE = dict(
+TINY_VAE = tiny_vae_config(
     block_out_channels=(8, 8, 8, 8),
     down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4,
-    latent_channels=4,
-    norm_num_groups=4,
-    layers_per_block=1,
     sample_size=64,
 )
 
 
 def _write_world(root: Path, unet: dict) -> Path:
     """A tiny SD-shaped diffusers folder (with tokenizer and scheduler) and an 8-sample toy dataset at 64x64."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
     from layout2image.core.toy import write_dataset
-    from layout2image.trainer.models import SD15_CONFIG_DIR
 
-    sd = root / "sd"
-    torch.manual_seed(0)
-    UNet2DConditionModel(**unet).save_pretrained(sd / "unet")
-    AutoencoderKL(**TINY_VAE).save_pretrained(sd / "vae")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in "abcdefghijklmnopqrstuvwxyz":
-        vocab[ch] = len(vocab)
-        vocab[ch + "</w>"] = len(vocab)
-    (root / "vocab.json").write_text(json.dumps(vocab))
-    (root / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=16).save_pretrained(
-        sd / "tokenizer"
-    )
-    text = CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                          num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)  # fmt: skip
-    CLIPTextModel(text).save_pretrained(sd / "text_encoder")
-    shutil.copy(SD15_CONFIG_DIR / "model_index.json", sd / "model_index.json")
-    shutil.copytree(SD15_CONFIG_DIR / "scheduler", sd / "scheduler")
+    write_tiny_sd(root / "sd", unet=unet, vae=TINY_VAE)
     write_dataset(root / "data", 8, size=64, preview_rows=0)
     return root
 

@@ -9,7 +9,6 @@ evaluation segmenter (random tiny SegFormer saved as a discriminator folder).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -18,54 +17,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from layout2image.core.labels import load_label_set
+from layout2image.testing import write_tiny_sd
 from layout2image.trainer.build import build_generator_optimizer, is_bitsandbytes_available, is_tensorboard_available
 from layout2image.trainer.checkpoint import list_checkpoints, prune_checkpoints
 from layout2image.trainer.config import OptimConfig, load_config
 from layout2image.trainer.loop import ResumableBatchSampler, Trainer
-
-TINY_UNET = dict(
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    sample_size=16,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=16,
-    attention_head_dim=8,
-    norm_num_groups=8,
-)
-TINY_VAE = dict(
-    block_out_channels=(8, 16),
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-    latent_channels=4,
-    norm_num_groups=4,
-    layers_per_block=1,
-    sample_size=32,
-)
-
-
-def _write_tiny_sd(folder: Path) -> None:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from layout2image.trainer.models import SD15_CONFIG_DIR
-
-    torch.manual_seed(0)
-    UNet2DConditionModel(**TINY_UNET).save_pretrained(folder / "unet")
-    AutoencoderKL(**TINY_VAE).save_pretrained(folder / "vae")
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in "abcdefghijklmnopqrstuvwxyz":
-        vocab[ch] = len(vocab)
-        vocab[ch + "</w>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
-    tokenizer.save_pretrained(folder / "tokenizer")
-    text = CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                          num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)  # fmt: skip
-    CLIPTextModel(text).save_pretrained(folder / "text_encoder")
-    shutil.copy(SD15_CONFIG_DIR / "model_index.json", folder / "model_index.json")
-    shutil.copytree(SD15_CONFIG_DIR / "scheduler", folder / "scheduler")
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +30,7 @@ def tiny_world(tmp_path_factory) -> Path:
     from layout2image.core.toy import write_dataset
 
     root = tmp_path_factory.mktemp("tiny_world")
-    _write_tiny_sd(root / "sd")
+    write_tiny_sd(root / "sd")
     write_dataset(root / "data", 8, size=32, preview_rows=0)
     label_set = load_label_set(root / "data" / "labelset.yaml")
     segmenter = build_discriminator(

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from layout2image.testing import tiny_unet_config, tiny_vae_config
 from layout2image.trainer.models import (
     SD15_CONFIG_DIR,
     ModelBundle,
@@ -37,29 +38,8 @@ KNOWN_IDS = {
     "": [49406, 49407],
 }
 
-TINY_UNET = {
-    "block_out_channels": (8, 16),
-    "layers_per_block": 2,
-    "sample_size": 16,
-    "in_channels": 4,
-    "out_channels": 4,
-    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-    "cross_attention_dim": 32,
-    "attention_head_dim": 2,
-    "norm_num_groups": 4,
-}
-TINY_VAE = {
-    "block_out_channels": (8, 16),
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D", "DownEncoderBlock2D"),
-    "up_block_types": ("UpDecoderBlock2D", "UpDecoderBlock2D"),
-    "latent_channels": 4,
-    "norm_num_groups": 4,
-    "layers_per_block": 1,
-    "sample_size": 32,
-}
+TINY_UNET = tiny_unet_config(block_out_channels=(8, 16), layers_per_block=2, attention_head_dim=2, norm_num_groups=4)
+TINY_VAE = tiny_vae_config()
 # vocab_size 49408 so the shipped tokenizer fits; hidden 32 keeps the embedding at 1.6M parameters.
 TINY_TEXT = {
     "bos_token_id": 0,

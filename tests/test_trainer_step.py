@@ -11,28 +11,14 @@ from layout2image.core.discriminator import build_discriminator, tiny_segmenter_
 from layout2image.core.labels import get_label_set
 from layout2image.core.sdm_lora import SDMLoraConfig, add_sdm_lora, sdm_lora_parameters
 from layout2image.core.spade import get_spade_context
+from layout2image.testing import tiny_unet_config, tiny_vae_config
 from layout2image.trainer.conditioning import ControlNetConditioner, SpadeConditioner, T2IAdapterConditioner
 from layout2image.trainer.step import AdversarialConfig, LayoutDiffusionStep, encode_images
 
 LS = get_label_set("toy")
 N = LS.num_classes
-TINY_UNET = dict(
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    sample_size=16,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=16,
-    attention_head_dim=8,
-    norm_num_groups=8,
-)
-TINY_VAE = dict(
-    block_out_channels=(8, 16),
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-    latent_channels=4,
-    norm_num_groups=4,
-)
+TINY_UNET = tiny_unet_config(cross_attention_dim=16)
+TINY_VAE = tiny_vae_config()
 ADV = dict(
     lazy_every=2, num_unroll_steps=2, grid_steps=10, warmup_start=0, warmup_end=0, lambda_adv=0.5, fake_weight=0.1
 )

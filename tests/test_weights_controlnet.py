@@ -22,6 +22,7 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 
 from layout2image.core.controlnet import ALDMControlNetModel, build_controlnet, load_controlnet
 from layout2image.core.labels import get_label_set
+from layout2image.testing import tiny_unet_config
 from layout2image.weights import (
     CONVERSION_TARGETS,
     KNOWN_FORMATS,
@@ -57,18 +58,7 @@ MANIFEST = Path(__file__).parent / "data" / "sd15_controlnet_ldm_manifest.json"
 
 # norm_num_groups=32 and 8 heads are the SD conventions `infer_controlnet_config` assumes, so files without our
 # metadata (an "official" checkpoint) rebuild exactly; layers_per_block=2 exercises the input_blocks arithmetic.
-TINY_UNET = dict(
-    block_out_channels=(32, 64),
-    layers_per_block=2,
-    sample_size=16,
-    in_channels=4,
-    out_channels=4,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32,
-    attention_head_dim=8,
-    norm_num_groups=32,
-)
+TINY_UNET = tiny_unet_config(layers_per_block=2, norm_num_groups=32)
 LABELS = get_label_set("toy")
 N = LABELS.num_classes
 EMBED = 16

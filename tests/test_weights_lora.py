@@ -29,6 +29,7 @@ from layout2image.core.sdm_lora import (
     sdm_lora_parameters,
 )
 from layout2image.core.spade import find_spade_sites, get_spade_adapter, spade_layout
+from layout2image.testing import sd1x_tiny_unet_config, tiny_clip, tiny_unet_config, tiny_vae_config
 from layout2image.weights import (
     LORA_FORMATS,
     LoraFormatError,
@@ -62,34 +63,7 @@ CONV_TARGETS = ("conv1", "conv2", "conv_shortcut", "conv", "proj_in", "proj_out"
 
 
 def tiny_config(layers_per_block: int) -> dict:
-    return dict(
-        block_out_channels=(32, 64),
-        layers_per_block=layers_per_block,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-
-
-def sd1x_tiny_config() -> dict:
-    """SD 1.5's block structure (CrossAttnDownBlock2D x3 + DownBlock2D, layers_per_block=2) at tiny widths."""
-    return dict(
-        block_out_channels=(32, 32, 64, 64),
-        layers_per_block=2,
-        sample_size=16,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
+    return tiny_unet_config(layers_per_block=layers_per_block)
 
 
 def plain_unet(layers_per_block: int = 1) -> UNet2DConditionModel:
@@ -357,31 +331,13 @@ def test_diffusers_loads_the_kohya_file(trained, naming, tmp_path):
 def _tiny_sd_pipeline(unet: UNet2DConditionModel, folder: Path):
     """A StableDiffusionPipeline around ``unet``: tiny VAE, tiny CLIP text encoder (32 wide) and tokenizer."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 16),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        sample_size=32,
-    )
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in "abcdefghijklmnopqrstuvwxyz":
-        vocab[ch] = len(vocab)
-        vocab[ch + "</w>"] = len(vocab)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
-    text = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                          num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)  # fmt: skip
+    vae = AutoencoderKL(**tiny_vae_config())
+    text, tokenizer = tiny_clip(folder, hidden_size=32, intermediate_size=37)
     return StableDiffusionPipeline(
         vae=vae,
-        text_encoder=CLIPTextModel(text).eval(),
+        text_encoder=text.eval(),
         tokenizer=tokenizer,
         unet=unet,
         scheduler=DDIMScheduler(),
@@ -408,7 +364,7 @@ def test_sd1x_shaped_kohya_export_loads_in_a_plain_diffusers_pipeline(tmp_path):
 
     from peft import LoraConfig, set_peft_model_state_dict
 
-    config = sd1x_tiny_config()
+    config = sd1x_tiny_unet_config()
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**config).eval()
     base_state = {k: v.clone() for k, v in unet.state_dict().items()}
@@ -567,7 +523,7 @@ def _other_layouts() -> dict[str, dict]:
         (None, "diffusers"),
         (_sd2_config(), "diffusers"),
         (tiny_config(2), "diffusers"),  # 2 levels but SD 1.x's arithmetic: 3 ldm blocks per level, up_blocks.0 plain
-        (sd1x_tiny_config(), "diffusers"),
+        (sd1x_tiny_unet_config(), "diffusers"),
         *((c, "ldm") for c in _other_layouts().values()),
     ],
     ids=["sd15", "sd2", "tiny-lpb2", "sd1x-tiny", *_other_layouts()],

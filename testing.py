@@ -1,0 +1,159 @@
+"""Tiny model configs and builders shared by the test suite and the benchmarks (like diffusers'
+``diffusers.utils.testing_utils``). Not part of the user-facing API: the shapes are chosen to be fast on a CPU,
+not to produce images.
+
+Every ``*_config`` function returns a fresh dict of constructor kwargs; keyword overrides replace (or add) keys,
+so a caller states only how its model differs from the shared one, e.g. ``tiny_unet_config(cross_attention_dim=16)``.
+torch, diffusers and transformers are imported inside the functions that need them; nothing here imports ComfyUI.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "TINY_VOCAB",
+    "sd1x_tiny_unet_config",
+    "tiny_clip",
+    "tiny_clip_text_config",
+    "tiny_unet_config",
+    "tiny_vae_config",
+    "write_tiny_sd",
+]
+
+
+def tiny_unet_config(**overrides: Any) -> dict[str, Any]:
+    """``UNet2DConditionModel`` kwargs for the suite's tiny toy-world UNet.
+
+    Two levels, blocks (32, 64): ``CrossAttnDownBlock2D`` + ``DownBlock2D`` down, ``UpBlock2D`` +
+    ``CrossAttnUpBlock2D`` up, one resnet per level, 8 GroupNorm groups, 8-channel attention heads, 4 latent
+    channels in and out at ``sample_size`` 16, text context (B, T, 32). About 0.8M parameters.
+    """
+    return {
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "sample_size": 16,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": 32,
+        "attention_head_dim": 8,
+        "norm_num_groups": 8,
+        **overrides,
+    }
+
+
+def sd1x_tiny_unet_config(**overrides: Any) -> dict[str, Any]:
+    """``UNet2DConditionModel`` kwargs with SD 1.5's block structure at tiny widths.
+
+    Four levels, blocks (32, 32, 64, 64): three ``CrossAttnDownBlock2D`` + one ``DownBlock2D`` down, the mirror up,
+    two resnets per level (``layers_per_block=2``), so module names, SPADE sites and kohya/ldm key arithmetic match
+    SD 1.x; otherwise as `tiny_unet_config` (8 groups, 8-channel heads, ``sample_size`` 16, context width 32).
+    """
+    return tiny_unet_config(
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        **overrides,
+    )
+
+
+def tiny_vae_config(**overrides: Any) -> dict[str, Any]:
+    """``AutoencoderKL`` kwargs for a tiny 2x VAE: RGB (B, 3, H, W) <-> latents (B, 4, H/2, W/2).
+
+    Blocks (8, 16), one resnet per level, 4 GroupNorm groups, ``sample_size`` 32. For SD's 8x factor (and with it
+    the ControlNet's standard hint block) pass four levels, e.g. ``block_out_channels=(8, 8, 8, 8)`` with
+    ``down_block_types=("DownEncoderBlock2D",) * 4`` and ``up_block_types=("UpDecoderBlock2D",) * 4``.
+    """
+    return {
+        "block_out_channels": (8, 16),
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * 2,
+        "up_block_types": ("UpDecoderBlock2D",) * 2,
+        "latent_channels": 4,
+        "norm_num_groups": 4,
+        "layers_per_block": 1,
+        "sample_size": 32,
+        **overrides,
+    }
+
+
+#: The tiny tokenizer's vocabulary: start/end tokens and the 26 lowercase letters, each also as a word end.
+TINY_VOCAB: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+for _ch in "abcdefghijklmnopqrstuvwxyz":
+    TINY_VOCAB[_ch] = len(TINY_VOCAB)
+    TINY_VOCAB[_ch + "</w>"] = len(TINY_VOCAB)
+del _ch
+
+
+def tiny_clip_text_config(**overrides: Any) -> dict[str, Any]:
+    """``CLIPTextConfig`` kwargs for a tiny CLIP text encoder over `TINY_VOCAB` (54 tokens).
+
+    Hidden width 16 (the prompt embedding is (B, 16, 16) at the tokenizer's 16 tokens), 2 layers of 2 heads,
+    MLP width 24; the end token doubles as padding. Pass ``hidden_size`` to match a UNet's ``cross_attention_dim``.
+    """
+    return {
+        "vocab_size": len(TINY_VOCAB),
+        "hidden_size": 16,
+        "intermediate_size": 24,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 16,
+        "bos_token_id": 0,
+        "eos_token_id": 1,
+        "pad_token_id": 1,
+        **overrides,
+    }
+
+
+def tiny_clip(folder: Path, **overrides: Any):
+    """A tiny ``(CLIPTextModel, CLIPTokenizer)`` pair with random weights (seed torch before calling).
+
+    Writes the tokenizer's ``vocab.json`` (`TINY_VOCAB`) and an empty ``merges.txt`` into ``folder`` (created if
+    missing); the tokenizer pads/truncates to 16 tokens. ``overrides`` go to `tiny_clip_text_config`. The model is
+    returned in training mode, as constructed.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(TINY_VOCAB))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+    return CLIPTextModel(CLIPTextConfig(**tiny_clip_text_config(**overrides))), tokenizer
+
+
+def write_tiny_sd(
+    folder: Path, unet: dict[str, Any] | None = None, vae: dict[str, Any] | None = None, seed: int = 0
+) -> Path:
+    """Write a tiny SD 1.x-shaped diffusers folder with random weights and return it.
+
+    ``unet``/``vae`` are constructor kwargs (default: `tiny_unet_config` with ``cross_attention_dim=16`` and
+    `tiny_vae_config`); the text encoder is `tiny_clip` with ``hidden_size`` = the UNet's ``cross_attention_dim``.
+    Subfolders unet, vae, text_encoder, tokenizer, plus SD 1.5's ``model_index.json`` and DDPM scheduler config
+    from ``trainer/sd15_config``; the tokenizer's source ``vocab.json``/``merges.txt`` stay in ``folder``.
+    torch is seeded with ``seed`` once, then UNet, VAE and text encoder are built in that order.
+    """
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from .trainer.models import SD15_CONFIG_DIR
+
+    folder = Path(folder)
+    unet = tiny_unet_config(cross_attention_dim=16) if unet is None else unet
+    vae = tiny_vae_config() if vae is None else vae
+    torch.manual_seed(seed)
+    UNet2DConditionModel(**unet).save_pretrained(folder / "unet")
+    AutoencoderKL(**vae).save_pretrained(folder / "vae")
+    text, tokenizer = tiny_clip(folder, hidden_size=unet["cross_attention_dim"])
+    tokenizer.save_pretrained(folder / "tokenizer")
+    text.save_pretrained(folder / "text_encoder")
+    shutil.copy(SD15_CONFIG_DIR / "model_index.json", folder / "model_index.json")
+    shutil.copytree(SD15_CONFIG_DIR / "scheduler", folder / "scheduler")
+    return folder
