@@ -74,8 +74,11 @@ def test_entrypoint_lists_every_node_with_pack_conventions(comfy):
 
 
 def test_every_node_module_is_registered(comfy):
-    modules = {p.stem for p in (ROOT / "nodes").glob("*.py")} - {"__init__", "types"}
+    helpers = {"types", "model_files"}  # shared by the node modules; they define no nodes
+    modules = {p.stem for p in (ROOT / "nodes").glob("*.py")} - {"__init__"} - helpers
     assert modules <= set(comfy.nodes.NODE_MODULES), modules - set(comfy.nodes.NODE_MODULES)
+    for name in helpers:
+        assert not hasattr(importlib.import_module(f"{comfy.nodes.__name__}.{name}"), "NODES"), name
 
 
 def test_label_map_socket_type(comfy):
