@@ -23,9 +23,9 @@ from torch import nn
 import layout2image
 from layout2image.core.labels import get_label_set
 from layout2image.core.sdm_lora import SDMLoraConfig, add_sdm_lora, get_sdm_lora_state_dicts, sdm_lora_parameters
-from layout2image.testing import tiny_unet_config
+from layout2image.testing import sd1x_tiny_unet_config, tiny_unet_config
 from layout2image.weights import lora_alphas_of, save_sdm_lora, spade_path_for
-from layout2image.weights.lora_check import ldm_unet_shapes
+from layout2image.weights.lora_check import comfyui_unet_config, ldm_unet_shapes
 
 _STUB_FILE = Path(__file__).resolve().parent / "comfy_stub" / "__init__.py"
 _spec = importlib.util.spec_from_file_location("l2i_test_comfy_stub", _STUB_FILE)
@@ -37,11 +37,15 @@ TOY = get_label_set("toy")
 GROUPS = 32  # ComfyUI's UNet hard-codes 32 GroupNorm groups
 
 
-def unet_config(layers_per_block: int = 1) -> dict:
+def unet_config(layers_per_block: int | str = 1) -> dict:
+    """The toy-shaped tiny UNet with ``layers_per_block`` resnets per level (kohya files get ldm module names), or,
+    for ``"sd1x"``, the tiny UNet with SD 1.x's block structure (kohya files get diffusers module names)."""
+    if layers_per_block == "sd1x":
+        return sd1x_tiny_unet_config(norm_num_groups=GROUPS)
     return tiny_unet_config(layers_per_block=layers_per_block, norm_num_groups=GROUPS)
 
 
-def sdm_unet(layers_per_block: int = 1, seed: int = 3) -> UNet2DConditionModel:
+def sdm_unet(layers_per_block: int | str = 1, seed: int = 3) -> UNet2DConditionModel:
     """A tiny SDM-LoRA UNet (attention and resnet-conv LoRA, SPADE on the decoder norms), all weights random."""
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**unet_config(layers_per_block)).eval()
@@ -109,15 +113,34 @@ def ldm_model(config: dict) -> nn.Module:
     base = nn.Module()
     base.diffusion_model = diffusion_model
     base.model_sampling = _Sampling()
+    base.model_config = SimpleNamespace(unet_config=comfyui_unet_config(config))  # read by comfy.lora's key map
     return base
 
 
-def _patcher(comfy, layers_per_block: int = 1):
+def _patcher(comfy, layers_per_block: int | str = 1):
     model = ldm_model(unet_config(layers_per_block))
     return comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
 
 
 # ------------------------------------------------------------------------------------------------ the loader
+def test_loads_a_diffusers_named_lora_of_an_sd1x_shaped_unet(comfy, tmp_path, caplog):
+    """On SD 1.x's block structure the kohya export has diffusers module names (``lora_unet_down_blocks_0_...``,
+    the trainer's default for SD 1.5): the node finds every module through ComfyUI's ``unet_to_diffusers`` keys."""
+    unet = sdm_unet("sd1x")
+    files = save_sdm_lora(unet, tmp_path / "sd1x_sdm.safetensors", TOY, base_model="tiny/sd1x")
+    assert files.lora.kohya_names == "diffusers"
+    assert any(k.startswith("lora_unet_down_blocks_0_attentions_0_") for k in files.lora.state_dict)
+    model = _patcher(comfy, "sd1x")
+    with caplog.at_level(logging.WARNING):
+        new_model, _, spade = comfy.sdm.load_sdm_lora_for_models(model, None, files.lora_path)
+    assert not [r for r in caplog.records if "not loaded" in r.getMessage()]
+    assert len(new_model.patches) == len(get_sdm_lora_state_dicts(unet).lora) // 2
+    assert all(k.startswith("diffusion_model.") for k in new_model.patches)  # mapped onto ComfyUI's ldm weights
+    assert spade.label_set == TOY
+    with pytest.raises(comfy.sdm.SDMLoraError, match="have no target in the MODEL"):
+        comfy.sdm.load_sdm_lora_for_models(_patcher(comfy, 1), None, files.lora_path)  # another layout
+
+
 def test_loads_every_lora_key_and_the_spade_companion_on_clones(comfy, saved, caplog):
     model = _patcher(comfy)
     comfy.sd.CALLS.clear()
@@ -315,13 +338,15 @@ print("sdm ok", len(lora_model.patches), float((got - want).abs().max()))
 
 
 @pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="set COMFYUI_PATH to a ComfyUI checkout to run")
-def test_real_comfyui_sdm_lora_equals_our_diffusers_model():
+@pytest.mark.parametrize("layout", [1, "sd1x"], ids=["toy-shaped-ldm-names", "sd1x-shaped-diffusers-names"])
+def test_real_comfyui_sdm_lora_equals_our_diffusers_model(layout):
     """A kohya LoRA + SPADE companion written by weights/, loaded by the node into the real ComfyUI (its key map,
     load_lora_for_models, ModelPatcher weight patches) with no 'lora key not loaded' warning, then Apply SPADE: the
     real openaimodel UNet's output equals our diffusers SDM-LoRA UNet's for the same inputs and label map."""
     comfy_root = Path(os.environ["COMFYUI_PATH"]).resolve()
     code = (
-        f"COMFY_ROOT = {str(comfy_root)!r}\nPACK = {str(ROOT)!r}\nUNET_CONFIG = {unet_config(1)!r}\n" + _REAL_COMFY_SDM
+        f"COMFY_ROOT = {str(comfy_root)!r}\nPACK = {str(ROOT)!r}\nUNET_CONFIG = {unet_config(layout)!r}\n"
+        + _REAL_COMFY_SDM
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=comfy_root, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -39,6 +39,7 @@ from layout2image.weights import (
     WeightsFileError,
     check_lora_file,
     check_lora_state_dict,
+    convert_lora_file,
     convert_lora_state_dict,
     detect_lora_format,
     inspect_weights,
@@ -389,6 +390,15 @@ def test_sd1x_shaped_kohya_export_loads_in_a_plain_diffusers_pipeline(tmp_path):
     assert set(report.key_groups) <= {f"lora_unet_{b}_{i}" for b in ("down_blocks", "up_blocks") for i in range(4)} | {
         "lora_unet_mid_block"
     }
+    # The same LoRA forced to ldm names: it has conv keys in ldm blocks 1 and 10/11, which diffusers' SD pipeline
+    # cannot map even with unet_config=, so that loader is not offered and the note says how to fix the file.
+    ldm_file = tmp_path / "sd1x_ldm.safetensors"
+    assert convert_lora_file(files.lora_path, ldm_file, "kohya", kohya_names="ldm").kohya_names == "ldm"
+    ldm_report = inspect_weights(ldm_file)
+    assert not any(loader.startswith("diffusers") for loader in ldm_report.loaders)
+    assert "ComfyUI 'Load LoRA' / 'LoraLoaderModelOnly'" in ldm_report.loaders
+    (note,) = [n for n in ldm_report.notes if "ldm module names" in n]
+    assert "not at all here" in note and "l2i-convert lora --to kohya IN OUT" in note
 
     plain = UNet2DConditionModel(**config).eval()
     plain.load_state_dict(base_state)
@@ -795,7 +805,7 @@ def test_cli_lora_round_trip(saved, tmp_path, capsys):
     assert list(again) == list(original) and all(torch.equal(again[k], original[k]) for k in original)
 
 
-def test_cli_kohya_names_option(saved, tmp_path, capsys):
+def test_cli_kohya_names_option(saved, tmp_path, capsys, l2i_caplog):
     """--kohya-names forces a naming (diffusers names on the toy layout: a warning, the checker sees A1111 fail); the
     default (auto) brings the file back to ldm names with the same tensors; the option is refused with --to peft."""
     kohya = saved["files"].lora_path
@@ -803,6 +813,8 @@ def test_cli_kohya_names_option(saved, tmp_path, capsys):
     forced = tmp_path / "forced.safetensors"
     assert main(["lora", "--to", "kohya", str(kohya), str(forced), "--kohya-names", "diffusers"]) == 0
     assert "diffusers module names" in capsys.readouterr().out
+    (warning,) = [r.getMessage() for r in l2i_caplog.records if "kohya_names='diffusers'" in r.getMessage()]
+    assert "not SD 1.x/2.x-shaped" in warning and "A1111" in warning
     loaded = load_lora_file(forced)
     assert loaded.raw_metadata["l2i.kohya_names"] == "diffusers"
     diffusers_roots = ("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_")
@@ -848,7 +860,8 @@ def test_inspect_lora_and_spade_files(saved, tmp_path):
     assert "l2i.unet_config" not in text and '"in_channels"' not in text  # long JSON fields are not printed
     # The toy layout (layers_per_block=1) gets ldm names: diffusers needs unet_config=, and the report says so.
     assert "diffusers pipe.load_lora_weights(path, unet_config=pipe.unet.config)" in report.loaders
-    assert any("ldm module names" in n and "--kohya-names diffusers" in n for n in report.notes)
+    (note,) = [n for n in report.notes if "ldm module names" in n]
+    assert "the right ones for this UNet layout" in note and "l2i-convert" not in note  # nothing to fix
     assert report.key_groups and all(
         g.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_", "lora_unet_middle_block"))
         for g in report.key_groups

@@ -10,8 +10,10 @@ controlnet      ``controlnet/`` (diffusers folder: ``load_controlnet``/``Control
 sdm_lora        ``lora.safetensors`` (PEFT LoRA in the diffusers format: ``unet.``-prefixed keys, ``lora_A``/``lora_B``,
                 with ``lora_adapter_metadata`` so ``pipe.load_lora_weights`` restores rank and alpha),
                 ``spade.safetensors`` (the SPADE modules, ``sites.<site>.sem_*``); ``sdm_lora.table.safetensors``
-                for the ``embedding`` layout. The kohya LoRA format and the SPADE companion file for UIs come with
-                the weights issue; SPADE needs this project's sampler in any case.
+                for the ``embedding`` layout; and, for the UIs, ``sdm_lora.safetensors`` (the kohya LoRA:
+                ComfyUI "Load LoRA", A1111/Forge, ``pipe.load_lora_weights``; `weights.save_sdm_lora`) with its
+                companion ``sdm_lora.spade.safetensors`` (read by the pack's SDM-LoRA loader and A1111 script).
+                Stock loaders apply the LoRA alone: SPADE needs this project's nodes or sampler.
 t2i_adapter     ``t2i_adapter/`` (diffusers folder)
 all             ``discriminator/`` (transformers folder, `build_discriminator(pretrained=...)` reloads it) and
                 ``manifest.json`` (what was written, the step, the config hash)

@@ -22,7 +22,14 @@ from typing import Any
 import torch
 
 from .controlnet import LDM_PREFIX, ControlNetFormat, UnknownFormatError, detect_controlnet_format
-from .lora import KOHYA_UNET_PREFIX, LoraFormatError, LoraSummary, detect_lora_format, summarize_lora
+from .lora import (
+    KOHYA_UNET_PREFIX,
+    LoraFormatError,
+    LoraSummary,
+    detect_lora_format,
+    kohya_names_for,
+    summarize_lora,
+)
 from .metadata import WeightsMetadata, describe_label_set, has_l2i_metadata
 from .safe_load import (
     TensorInfo,
@@ -61,6 +68,8 @@ _KOHYA_BLOCK = re.compile(
     r"|down_blocks_\d+|up_blocks_\d+|mid_block|time_embedding|conv_in|conv_out))_"
 )
 _KOHYA_LDM_NAME = re.compile(r"lora_unet_(?:input_blocks|output_blocks|middle_block|time_embed|out)_")
+_KOHYA_LDM_BLOCK = re.compile(r"lora_unet_((?:input|output)_blocks_\d+)_")
+_LDM_BLOCK_KINDS = ("input_blocks", "output_blocks")
 
 
 @dataclass(frozen=True)
@@ -247,13 +256,29 @@ def _lora_report(infos: Mapping[str, TensorInfo], raw: Mapping[str, str], metada
     if not ldm_named:
         loaders.append("diffusers pipe.load_lora_weights(path)")
     else:
-        # Measured with diffusers 0.42.1 (docs/COMFYUI.md, "Trainer exports in the stock loaders").
-        loaders.append("diffusers pipe.load_lora_weights(path, unet_config=pipe.unet.config)")
-        notes.append(
-            "ldm module names: diffusers' SD pipeline maps them only when given unet_config=, and then not for "
-            "UNets with 11+ input/output blocks (SD 1.x) whose LoRA has keys in block 1 and in block 10 or 11; "
-            "for SD 1.x/2.x write diffusers names: l2i-convert lora --to kohya --kohya-names diffusers IN OUT"
-        )
+        # diffusers 0.42.1's SD pipeline, measured (docs/COMFYUI.md, "Trainer exports in the stock loaders"): ldm
+        # names map only given unet_config=, whose block matching by substring (block 1 also takes 10 and 11) fails
+        # on a LoRA with keys in block 1 and in block 10 or 11.
+        blocks = {m[1] for k in unet_keys if (m := _KOHYA_LDM_BLOCK.match(k))}
+        collides = any(f"{kind}_1" in blocks and ({f"{kind}_10", f"{kind}_11"} & blocks) for kind in _LDM_BLOCK_KINDS)
+        if not collides:
+            loaders.append("diffusers pipe.load_lora_weights(path, unet_config=pipe.unet.config)")
+        try:
+            naming = kohya_names_for(config)
+        except (WeightsError, ValueError, KeyError, TypeError):
+            naming = "ldm"
+        if naming == "diffusers":
+            notes.append(
+                "ldm module names, which diffusers' SD pipeline reads only given unet_config="
+                + (" and not at all here (keys in block 1 and in block 10 or 11)" if collides else "")
+                + "; this UNet layout takes diffusers names, which every loader reads: l2i-convert lora --to kohya "
+                "IN OUT rewrites the file with them"
+            )
+        else:
+            notes.append(
+                "ldm module names, the right ones for this UNet layout (A1111's diffusers-name rules do not fit it); "
+                "diffusers' SD pipeline reads them only given unet_config="
+            )
     if metadata is not None and "spade_file" in metadata.extra:
         loaders.append(_LAYOUT2IMAGE_SDM)
         notes.append(

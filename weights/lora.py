@@ -122,10 +122,11 @@ KOHYA_NAMES = ("auto", "diffusers", "ldm")
 
 #: What `detect_lora_format` recognises (listed in its errors).
 KNOWN_LORA_FORMATS = (
-    "kohya: lora_unet_<ldm module path with '_'>.lora_down.weight / .lora_up.weight / .alpha "
-    "(e.g. lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight)",
+    "kohya with ldm module names: lora_unet_<ldm module path with '_'>.lora_down.weight / .lora_up.weight / .alpha "
+    "(e.g. lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q.lora_down.weight; written for UNet layouts "
+    "other than SD 1.x/2.x's)",
     "kohya with diffusers module names: lora_unet_down_blocks_0_attentions_0_..._to_q.lora_down.weight "
-    "(written for SD 1.x/2.x-shaped UNets, ldm names for other layouts)",
+    "(written for SD 1.x/2.x-shaped UNets)",
     "PEFT/diffusers: [unet.|base_model.model.]<diffusers module path>.lora_A.weight / .lora_B.weight "
     "(e.g. down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight)",
 )
@@ -325,10 +326,7 @@ def _diffusers_names_exact(config_json: str) -> bool:
     """True when every Linear/conv module's diffusers-named kohya name lands on our ldm module in A1111 and ComfyUI."""
     from .lora_check import a1111_convert_name, comfyui_unet_config, comfyui_unet_to_diffusers
 
-    try:
-        comfy = comfyui_unet_to_diffusers(comfyui_unet_config(json.loads(config_json)))
-    except (KeyError, IndexError, TypeError, ValueError, ZeroDivisionError):  # a config ComfyUI's rules cannot read
-        return False
+    comfy = comfyui_unet_to_diffusers(comfyui_unet_config(json.loads(config_json)))
     for path, ldm in _tables(config_json).to_ldm.items():
         if _is_norm(path):
             continue
@@ -358,9 +356,13 @@ def kohya_names_for(unet_config: Any = None) -> str:
     return "diffusers" if _diffusers_names_exact(json.dumps(config, sort_keys=True)) else "ldm"
 
 
-def _resolve_kohya_names(kohya_names: str, config: Mapping[str, Any]) -> str:
+def _check_kohya_names(kohya_names: str) -> None:
     if kohya_names not in KOHYA_NAMES:
         raise ValueError(f"kohya_names={kohya_names!r}: expected one of {', '.join(KOHYA_NAMES)}")
+
+
+def _resolve_kohya_names(kohya_names: str, config: Mapping[str, Any]) -> str:
+    _check_kohya_names(kohya_names)
     if kohya_names == "auto":
         return kohya_names_for(config)
     return kohya_names
@@ -545,14 +547,13 @@ def convert_lora_state_dict(
         raise ValueError(f"to={to!r}: expected one of {', '.join(LORA_FORMATS)}")
     if prefix not in (None, "", "unet."):
         raise ValueError(f"prefix={prefix!r}: expected '' or 'unet.'")
-    if kohya_names not in KOHYA_NAMES:
-        raise ValueError(f"kohya_names={kohya_names!r}: expected one of {', '.join(KOHYA_NAMES)}")
+    _check_kohya_names(kohya_names)
     tables, config = _tables_for(unet_config)
     source = detect_lora_format(state_dict)
     if source == "kohya" and alpha is not None:
         raise ValueError("alpha is only for PEFT input; a kohya state dict carries its alphas in '.alpha' keys")
     naming = _resolve_kohya_names(kohya_names, config) if to == "kohya" else ""
-    if naming == "diffusers" and kohya_names == "diffusers" and kohya_names_for(config) != "diffusers":
+    if to == "kohya" and kohya_names == "diffusers" and kohya_names_for(config) != "diffusers":
         logger.warning(
             "kohya_names='diffusers' for a UNet layout that is not SD 1.x/2.x-shaped: A1111 maps diffusers-named "
             "kohya keys with SD 1.x block arithmetic and will put some of them on the wrong modules or drop them "

@@ -3,9 +3,9 @@
 The two parts of an SDM-LoRA go in two files (comfyui.md §5):
 
 * ``<name>.safetensors``: the LoRA part in kohya format (`layout2image.weights.lora`; diffusers module names for
-  SD 1.x/2.x-shaped UNets, ldm names otherwise: `kohya_names_for`), which ComfyUI's "Load LoRA", A1111/Forge
-  ``<lora:name:1>`` and diffusers ``load_lora_weights`` read as they are. It
-  holds **no SPADE keys**: A1111 raises on unknown parts of known modules and ComfyUI warns about every key it
+  SD 1.x/2.x-shaped UNets, ldm names otherwise: `kohya_names_for`), which ComfyUI's "Load LoRA" and A1111/Forge
+  ``<lora:name:1>`` read as they are, and diffusers ``load_lora_weights`` too (ldm-named files only with
+  ``unet_config=pipe.unet.config``). It holds **no SPADE keys**: A1111 raises on unknown parts of known modules and ComfyUI warns about every key it
   cannot place, so SPADE weights stay out of it. A stock loader thus gives "LoRA without SPADE", a degraded mode.
 * ``<name>.spade.safetensors``: the ``SPADEAdapter`` state dict (``sites.<site key>.sem_{shared,gamma,beta}.
   {weight,bias}``) with the metadata below. Only layout2image reads it (`load_spade_file`, `load_sdm_lora`, the

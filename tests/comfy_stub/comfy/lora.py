@@ -1,4 +1,4 @@
-"""Stand-in for ``comfy.lora`` (ComfyUI 0.8.0): the kohya and generic UNet key maps, and ``load_lora`` for
+"""Stand-in for ``comfy.lora`` (ComfyUI 0.8.0): the kohya (ldm and diffusers module names) and generic UNet key maps, and ``load_lora`` for
 ``lora_down``/``lora_up``/``alpha`` triples (the only LoRA type the pack writes). Unmatched keys log
 ``lora key not loaded: <key>`` as ComfyUI does."""
 
@@ -17,6 +17,15 @@ def model_lora_keys_unet(model, key_map={}):  # noqa: B006 - ComfyUI's signature
                 key_map[k[: -len(".weight")]] = k
             else:
                 key_map[k] = k
+    config = getattr(getattr(model, "model_config", None), "unet_config", None)
+    if config is not None:  # diffusers-named kohya keys, as ComfyUI maps them
+        import comfy.utils
+
+        state = model.state_dict()
+        for diffusers_key, ldm_key in comfy.utils.unet_to_diffusers(config).items():
+            if diffusers_key.endswith(".weight") and f"diffusion_model.{ldm_key}" in state:
+                name = diffusers_key[: -len(".weight")].replace(".", "_")
+                key_map[f"lora_unet_{name}"] = f"diffusion_model.{ldm_key}"
     return key_map
 
 

@@ -52,3 +52,11 @@ def common_upscale(samples, width, height, upscale_method, crop):
     if upscale_method in ("bislerp", "lanczos"):
         raise NotImplementedError(f"the stand-in does not model {upscale_method!r}")
     return torch.nn.functional.interpolate(samples, size=(height, width), mode=upscale_method)
+
+
+def unet_to_diffusers(unet_config):
+    """diffusers UNet key -> ldm key for a ComfyUI UNet config. The stand-in uses the pack's re-implementation of
+    ComfyUI's rule (``weights.lora_check``); the tests with ``COMFYUI_PATH`` check it against the real one."""
+    from layout2image.weights.lora_check import comfyui_unet_to_diffusers
+
+    return comfyui_unet_to_diffusers(unet_config)
