@@ -21,6 +21,7 @@ from ..core.discriminator import normalize_class_name, resolve_input_norm
 from ..core.discriminator.tables import source_aliases
 from ..core.labels import LabelSet
 from ..core.metrics import MeanIoU, error_map
+from .model_files import clean_path_input
 from .types import LabelMap, LabelMapType
 
 __all__ = ["NODES", "L2ILayoutAlignment", "SegmenterError", "segment_to_label_set"]
@@ -48,7 +49,7 @@ def _load_segmenter(folder: str, stamp: float):
 
 
 def _segmenter(path: str):
-    folder = Path((path or "").strip().strip('"')).expanduser()
+    folder = Path(clean_path_input(path)).expanduser()
     if not str(path or "").strip():
         raise SegmenterError("`segmenter_path` is empty; give a local transformers segmentation model folder")
     if not (folder / "config.json").is_file():
@@ -187,7 +188,7 @@ class L2ILayoutAlignment(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, segmenter_path: str = "", **kwargs):
         """Re-run when the segmenter folder's config or weights change on disk."""
-        folder = Path((segmenter_path or "").strip().strip('"')).expanduser()
+        folder = Path(clean_path_input(segmenter_path)).expanduser()
         try:
             return (segmenter_path, *sorted((p.name, p.stat().st_mtime_ns) for p in folder.iterdir() if p.is_file()))
         except OSError:

@@ -25,6 +25,7 @@ from ..core.labels import (
     read_label_map,
     resize_nearest,
 )
+from .model_files import clean_path_input
 from .types import (
     LabelMap,
     LabelMapType,
@@ -56,7 +57,7 @@ _MAX_RGB_DISTANCE = 442.0  # sqrt(3) * 255: farther than any two RGB colours
 
 def _resolve_path(path: str, what: str) -> Path:
     """A user-given path: absolute, or relative to the working folder, or to ComfyUI's input folder."""
-    text = (path or "").strip().strip('"')
+    text = clean_path_input(path)
     if not text:
         raise LabelMapError(f"`{what}` is empty; give the path of a file")
     candidate = Path(text).expanduser()

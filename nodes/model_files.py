@@ -1,4 +1,5 @@
-"""Choosing a model file in a loader node: a combo over one of ComfyUI's model folders plus an optional `path`.
+"""Path inputs of the nodes: a typed path cleaned of blanks and quotes (`clean_path_input`, every node), and a
+loader's choice of model file: a combo over one of ComfyUI's model folders plus an optional `path`.
 
 The loaders of the pack (ControlNet, SDM-LoRA) offer the files of a ComfyUI model folder (``folder_paths``) as a
 combo, without the companion files that sit beside the models (``.table.safetensors``, ``.spade.safetensors``), and
@@ -10,7 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["model_file_options", "no_file_entry", "resolve_model_path"]
+__all__ = ["clean_path_input", "model_file_options", "no_file_entry", "resolve_model_path"]
+
+
+def clean_path_input(text: str | None) -> str:
+    """A path typed into a node's text input, without surrounding blanks and the quotes a copied path often has."""
+    return (text or "").strip().strip('"').strip()
 
 
 def no_file_entry(folder: str) -> str:
@@ -50,7 +56,7 @@ def resolve_model_path(
         folder_allowed (`bool`): whether ``path`` may name a folder (a diffusers ControlNet folder) or must be a file.
         wanted (`str`): what ``path`` should name, for messages (``"a ControlNet file or diffusers folder"``).
     """
-    text = (path or "").strip().strip('"')
+    text = clean_path_input(path)
     if text:
         resolved = Path(text).expanduser()
         if not (resolved.exists() if folder_allowed else resolved.is_file()):

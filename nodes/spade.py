@@ -53,6 +53,7 @@ from ..core.spade import (
     site_key,
     spade_group_norm,
 )
+from .model_files import clean_path_input
 from .types import LabelMap, LabelMapType
 
 try:  # the SDM-LoRA companion-file reader of weights/ (validates sites, shapes and metadata)
@@ -240,7 +241,7 @@ def _guess_encoding(adapter: SPADEAdapter, label_set: LabelSet | None, source: s
 
 
 def _resolve_spade_path(name: str) -> Path:
-    text = (name or "").strip().strip('"')
+    text = clean_path_input(name)
     if not text:
         raise SPADEFileError("`spade_file` is empty; give the path of a *.spade.safetensors / spade.safetensors file")
     path = Path(text).expanduser()

@@ -25,6 +25,7 @@ from ..core.toy.generate import (
     generate_toy_images,
     toy_hint_spec,
 )
+from .model_files import clean_path_input
 from .types import LabelMap, LabelMapType, LabelSetType, ToyWorldType
 
 __all__ = [
@@ -45,10 +46,6 @@ _MAX_SEED = 0xFFFFFFFFFFFFFFFF
 DEFAULT_PROMPT = "a city street at night with two cars and a tree"
 
 
-def _clean(text: str) -> str:
-    return (text or "").strip().strip('"').strip()
-
-
 def resolve_toy_folder(folder: str = "") -> Path:
     """The toy base-model folder: ``""`` (or ``builtin:toy``) is the shipped ``weights/toy``; else a local folder.
 
@@ -58,7 +55,7 @@ def resolve_toy_folder(folder: str = "") -> Path:
     """
     from ..trainer.models import TOY_WEIGHTS_DIR, ModelLoadError, resolve_builtin_path
 
-    text = _clean(folder)
+    text = clean_path_input(folder)
     try:
         path = Path(resolve_builtin_path(text)).expanduser() if text else TOY_WEIGHTS_DIR
     except ModelLoadError as e:
@@ -81,7 +78,7 @@ def resolve_toy_controlnet(path: str) -> Path | None:
     Raises:
         ToyWorldError: the path does not exist, or is a folder holding no ControlNet.
     """
-    text = _clean(path)
+    text = clean_path_input(path)
     if not text:
         return None
     resolved = Path(text).expanduser()
