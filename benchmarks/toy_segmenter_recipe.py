@@ -66,16 +66,13 @@ def main() -> None:
         )
         budget = run.get("budget", shipped.segmenter_share * shipped.minutes * 60.0)
         start = time.perf_counter()
-        result = toy_base.train_segmenter(
-            config, train, hidden=config.segmenter_hidden, decoder=config.segmenter_decoder,
-            strides=config.segmenter_strides, seed=config.seed * 7 + 5, fixed_steps=run.get("steps"),
-            max_steps=config.segmenter_max_steps, budget_s=None if "steps" in run else budget, name="segmenter",
-            autoencoded=autoencoded,
-        )  # fmt: skip
+        result = toy_base.train_evaluation_segmenter(
+            config, train, autoencoded, fixed_steps=run.get("steps"), budget_s=None if "steps" in run else budget
+        )
         seconds = time.perf_counter() - start
         with tempfile.TemporaryDirectory() as folder:
-            toy_base._save_segmenter(result.models["model"], Path(folder), config.size)
-            segmenter = toy_base._load_segmenter(Path(folder))
+            toy_base.save_segmenter(result.models["model"], Path(folder), config.size)
+            segmenter = toy_base.load_segmenter(Path(folder))
             real = toy_base.segmenter_miou(segmenter, heldout)
             ae = toy_base.segmenter_miou(segmenter, heldout_autoencoded)
         strides = "-".join(map(str, config.segmenter_strides))

@@ -92,10 +92,13 @@ __all__ = [
     "domain_prompts",
     "evaluate_text_to_image",
     "learn_word_merges",
+    "load_segmenter",
     "make_toy_data",
     "reconstruction_psnr",
+    "save_segmenter",
     "segmenter_miou",
     "train_autoencoder",
+    "train_evaluation_segmenter",
     "train_segmenter",
     "train_text_to_image",
     "train_toy_base",
@@ -1030,7 +1033,33 @@ def train_segmenter(
     return PartResult({"model": model}, figures, report)
 
 
-def _save_segmenter(model, folder: Path, size: int) -> None:
+def train_evaluation_segmenter(
+    config: ToyBaseConfig,
+    train: ToyData,
+    autoencoded: ToyData | None,
+    *,
+    fixed_steps: int | None,
+    budget_s: float | None,
+) -> PartResult:
+    """`train_segmenter` with the evaluation segmenter's recipe from ``config`` (size, strides, step cap, its seed
+    stream): what `train_toy_base` ships, and what benchmarks/toy_segmenter_recipe.py varies."""
+    return train_segmenter(
+        config,
+        train,
+        hidden=config.segmenter_hidden,
+        decoder=config.segmenter_decoder,
+        strides=config.segmenter_strides,
+        seed=config.seed * 7 + 5,
+        fixed_steps=fixed_steps,
+        max_steps=config.segmenter_max_steps,
+        budget_s=budget_s,
+        name="segmenter",
+        autoencoded=autoencoded,
+    )
+
+
+def save_segmenter(model, folder: Path, size: int) -> None:
+    """Write a toy segmenter as a transformers folder (model + SegFormer image processor for ``size``² images)."""
     from transformers import SegformerImageProcessor
 
     model.save_pretrained(str(folder))
@@ -1043,7 +1072,8 @@ def _save_segmenter(model, folder: Path, size: int) -> None:
     processor.save_pretrained(str(folder))
 
 
-def _load_segmenter(folder: Path):
+def load_segmenter(folder: Path):
+    """Load a toy segmenter folder written by `save_segmenter`, in eval mode without gradients."""
     from ..core.discriminator import build_discriminator
 
     segmenter = build_discriminator(toy_label_set(), pretrained=folder, generator=torch.Generator().manual_seed(0))
@@ -1266,21 +1296,15 @@ def _train_toy_base(out_dir: Path, config: ToyBaseConfig, samples_png: bool, com
 
     # 4. evaluation segmenter (before the UNet so that the samples can be scored with it), on real images and, for
     # a share of the batches, on their autoencoded versions (what decoded samples look like)
-    result = train_segmenter(
+    result = train_evaluation_segmenter(
         config,
         train,
-        hidden=config.segmenter_hidden,
-        decoder=config.segmenter_decoder,
-        strides=config.segmenter_strides,
-        seed=config.seed * 7 + 5,
+        autoencode(vae, train, config.num_autoencoded) if config.num_autoencoded else None,
         fixed_steps=config.segmenter_steps,
-        max_steps=config.segmenter_max_steps,
         budget_s=config.segmenter_share * total_s,
-        name="segmenter",
-        autoencoded=autoencode(vae, train, config.num_autoencoded) if config.num_autoencoded else None,
     )
-    _save_segmenter(result.models["model"], out_dir / "segmenter", config.size)
-    segmenter = _load_segmenter(out_dir / "segmenter")
+    save_segmenter(result.models["model"], out_dir / "segmenter", config.size)
+    segmenter = load_segmenter(out_dir / "segmenter")
     result.figures["heldout_miou"] = round(segmenter_miou(segmenter, heldout), 4)
     result.figures["heldout_miou_autoencoded"] = round(segmenter_miou(segmenter, autoencode(vae, heldout)), 4)
     logger.info(
@@ -1307,9 +1331,9 @@ def _train_toy_base(out_dir: Path, config: ToyBaseConfig, samples_png: bool, com
         name="discriminator-init",
         autoencoded=autoencode(vae, disc_train, config.num_autoencoded) if config.num_autoencoded else None,
     )
-    _save_segmenter(result.models["model"], out_dir / "discriminator_init", config.size)
+    save_segmenter(result.models["model"], out_dir / "discriminator_init", config.size)
     result.figures["own_heldout_miou"] = round(
-        segmenter_miou(_load_segmenter(out_dir / "discriminator_init"), disc_heldout), 4
+        segmenter_miou(load_segmenter(out_dir / "discriminator_init"), disc_heldout), 4
     )
     result.figures["data"] = (
         f"samples {_DISC_TRAIN_START}..{_DISC_TRAIN_START + config.num_disc_train - 1} of seed {config.seed} "
