@@ -5,17 +5,35 @@ not to produce images.
 Every ``*_config`` function returns a fresh dict of constructor kwargs; keyword overrides replace (or add) keys,
 so a caller states only how its model differs from the shared one, e.g. ``tiny_unet_config(cross_attention_dim=16)``.
 torch, diffusers and transformers are imported inside the functions that need them; nothing here imports ComfyUI.
+
+For checks that a stock loader (diffusers, peft, transformers) takes a file without complaint,
+`capture_loader_messages` records its log records and Python warnings and `loader_problems` picks the lines about
+keys or weights (`LOADER_PROBLEM`) other than the expected one (`LOADER_EXPECTED`)::
+
+    with capture_loader_messages() as lines:
+        pipe.load_lora_weights(path)
+    assert loader_problems(lines) == []
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import re
 import shutil
+import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "LOADER_EXPECTED",
+    "LOADER_LOGGERS",
+    "LOADER_PROBLEM",
     "TINY_VOCAB",
+    "capture_loader_messages",
+    "loader_problems",
     "sd1x_tiny_unet_config",
     "tiny_clip",
     "tiny_clip_text_config",
@@ -157,3 +175,74 @@ def write_tiny_sd(
     shutil.copy(SD15_CONFIG_DIR / "model_index.json", folder / "model_index.json")
     shutil.copytree(SD15_CONFIG_DIR / "scheduler", folder / "scheduler")
     return folder
+
+
+#: Loggers `capture_loader_messages` listens to: the root logger and those of the libraries that load weights
+#: (diffusers and transformers do not propagate to the root logger).
+LOADER_LOGGERS = ("", "diffusers", "peft", "transformers", "accelerate")
+#: A captured line about weights or keys: what a loader says when a key does not land, or anything its LoRA or
+#: ControlNet code logs (the logger name is part of the line, e.g. ``diffusers.loaders.lora_pipeline``).
+LOADER_PROBLEM = re.compile(
+    r"unexpected|missing|not loaded|not used|were not|mismatch|not initiali|not found|lora|controlnet|key",
+    re.IGNORECASE,
+)
+#: The one expected line: a UNet-only LoRA has no text-encoder keys, which diffusers notes ("safe to ignore").
+LOADER_EXPECTED = re.compile(r"No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'")
+
+
+@contextlib.contextmanager
+def capture_loader_messages(level: int = logging.INFO) -> Iterator[list[str]]:
+    """Record what the weight loaders log and warn inside the ``with`` block, as it happens.
+
+    Yields a list that fills with one ``"LEVEL logger: message"`` line per log record at ``level`` or above on
+    `LOADER_LOGGERS` (a record that reaches several of them once), and one ``"WARNING py.warnings: Category:
+    message"`` line per Python warning (every warning, repeats included; it is not printed). A library's own
+    logger level still decides which records exist: e.g. diffusers logs INFO only after
+    ``diffusers.utils.logging.set_verbosity_info()``.
+
+    Args:
+        level (`int`, defaults to `logging.INFO`): the lowest log level kept.
+    """
+    lines: list[str] = []
+
+    class _Lines(logging.Handler):
+        last: logging.LogRecord | None = None
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if record is not self.last:  # the same record propagating from one of the loggers to another
+                self.last = record
+                lines.append(f"{record.levelname} {record.name}: {record.getMessage()}")
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        lines.append(f"WARNING py.warnings: {category.__name__}: {message}")
+
+    handler = _Lines(level=level)
+    loggers = [logging.getLogger(name) for name in LOADER_LOGGERS]
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        with warnings.catch_warnings():  # restores the filters and showwarning on exit
+            warnings.simplefilter("always")
+            warnings.showwarning = show
+            yield lines
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+
+
+def loader_problems(lines: Iterable[str], level: int = logging.WARNING) -> list[str]:
+    """The lines of `capture_loader_messages` at ``level`` or above (Python warnings count as WARNING) that match
+    `LOADER_PROBLEM` and not `LOADER_EXPECTED`; ``[]`` when a load went through without complaint.
+
+    Args:
+        lines (`Iterable[str]`): captured ``"LEVEL logger: message"`` lines.
+        level (`int`, defaults to `logging.WARNING`): the lowest log level that counts.
+    """
+    levels = logging.getLevelNamesMapping()
+    return [
+        line
+        for line in lines
+        if levels.get(line.partition(" ")[0], logging.CRITICAL) >= level
+        and LOADER_PROBLEM.search(line)
+        and not LOADER_EXPECTED.search(line)
+    ]

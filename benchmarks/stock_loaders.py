@@ -56,6 +56,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from layout2image.testing import capture_loader_messages, loader_problems
+
 REPO = Path(__file__).resolve().parents[1]
 SD15_CONFIG_DIR = REPO / "trainer" / "sd15_config"
 CKPT_NAME = "random_sd15.safetensors"
@@ -94,26 +96,10 @@ COMFY_BAD_LINES = (
 #: Also bad once a prompt runs (before it, ComfyUI logs tracebacks of its own optional comfy_extras nodes whose
 #: packages are missing, e.g. spandrel, kornia, torchaudio: "IMPORT FAILED", nothing to do with the loaders).
 COMFY_BAD_AFTER_PROMPT = ("Traceback", "!!! Exception", "Failed to validate prompt")
-#: Words that make a diffusers/peft/transformers log record or warning count as a key problem.
-DIFFUSERS_BAD = re.compile(
-    r"unexpected|missing|not loaded|were not used|not used|mismatch|not initiali|not found|lora|controlnet|key",
-    re.IGNORECASE,
-)
-#: The one expected diffusers warning: the SDM-LoRA is UNet-only, so the text encoder gets no keys ("safe to ignore").
-DIFFUSERS_EXPECTED = re.compile(r"No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'")
 
 
 class Failure(Exception):
     pass
-
-
-def is_warning(line: str) -> bool:
-    """A captured ``"LEVEL logger: message"`` record at WARNING or above, or a Python ``"SomeWarning: ..."``, other
-    than the expected `DIFFUSERS_EXPECTED`."""
-    head = line.split(" ", 1)[0]
-    return (head in ("WARNING", "ERROR", "CRITICAL") or head.endswith("Warning:")) and not DIFFUSERS_EXPECTED.search(
-        line
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------- helpers
@@ -457,98 +443,92 @@ def stage_comfy_inprocess(work: Path, comfyui: Path) -> None:
     comfy.options.enable_args_parsing()
     import comfy.cli_args  # noqa: F401
 
-    records: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            records.append(f"{record.levelname} {record.name}: {record.getMessage()}")
-
     logging.basicConfig(level=logging.DEBUG, stream=sys.stdout)
-    logging.getLogger().addHandler(Keep(level=logging.DEBUG))
-    import torch
-    from safetensors.torch import load_file
+    with capture_loader_messages(logging.DEBUG) as records:  # every log record, and Python warnings
+        import torch
+        from safetensors.torch import load_file
 
-    import nodes
+        import nodes
 
-    result: dict = {"controlnets": {}}
-    for run in ("cn_rgb", "cn_onehot"):
-        trained = load_file(str(work / "runs" / run / "export" / "controlnet.ldm.safetensors"))
-        trained = {k.removeprefix("control_model."): v for k, v in trained.items()}
-        for layout in ("ldm", "diffusers"):
-            name = f"{run}.{layout}.safetensors"
+        result: dict = {"controlnets": {}}
+        for run in ("cn_rgb", "cn_onehot"):
+            trained = load_file(str(work / "runs" / run / "export" / "controlnet.ldm.safetensors"))
+            trained = {k.removeprefix("control_model."): v for k, v in trained.items()}
+            for layout in ("ldm", "diffusers"):
+                name = f"{run}.{layout}.safetensors"
+                start = len(records)
+                (control,) = nodes.ControlNetLoader().load_controlnet(name)
+                model = control.control_model
+                state = model.state_dict()
+                diff = max((state[k].float() - v.float()).abs().max().item() for k, v in trained.items())
+                info = {
+                    "class": f"{type(control).__module__}.{type(control).__qualname__}",
+                    "control_model": f"{type(model).__module__}.{type(model).__qualname__}",
+                    "hint_channels": model.input_hint_block[0].weight.shape[1],
+                    "dtype": str(next(model.parameters()).dtype),
+                    "keys_trained_not_in_comfy": sorted(set(trained) - set(state))[:5],
+                    "keys_comfy_not_trained": sorted(set(state) - set(trained))[:5],
+                    "max_abs_diff_vs_trainer_ldm_file": diff,
+                    "log_problems": bad_comfy_lines("\n".join(records[start:]), prompt_marker=""),
+                }
+                if layout == "ldm":
+                    torch.manual_seed(0)
+                    c = info["hint_channels"]
+                    hint = torch.zeros(1, c, 64, 64)
+                    hint[:, 1 % c] = 1.0
+                    with torch.no_grad():
+                        outs = model(
+                            x=torch.randn(1, 4, 8, 8),
+                            hint=hint,
+                            timesteps=torch.tensor([500.0]),
+                            context=torch.randn(1, 77, 768),
+                        )
+                    outs = [o for group in outs.values() for o in group]  # {"middle": [...], "output": [...]}
+                    info["forward_outputs"] = len(outs)
+                    info["forward_finite"] = all(torch.isfinite(o).all().item() for o in outs)
+                    if c != 3:  # what the stock Apply ControlNet nodes hand it: an IMAGE, (B, 3, H, W)
+                        try:
+                            with torch.no_grad():
+                                model(x=torch.randn(1, 4, 8, 8), hint=torch.zeros(1, 3, 64, 64),
+                                      timesteps=torch.tensor([500.0]), context=torch.randn(1, 77, 768))  # fmt: skip
+                            info["three_channel_hint"] = "accepted"
+                        except RuntimeError as e:
+                            info["three_channel_hint"] = f"RuntimeError: {str(e)[:160]}"
+                result["controlnets"][name] = info
+                del control, model, state
+
+        # LoRA: the stock LoraLoader on the stock checkpoint; patched weights == W + alpha/r * up @ down of the file.
+        import comfy.lora
+
+        model, clip, _ = nodes.CheckpointLoaderSimple().load_checkpoint(CKPT_NAME)[:3]
+        key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+        result["lora"] = {}
+        for run in LORA_RUNS:
             start = len(records)
-            (control,) = nodes.ControlNetLoader().load_controlnet(name)
-            model = control.control_model
-            state = model.state_dict()
-            diff = max((state[k].float() - v.float()).abs().max().item() for k, v in trained.items())
-            info = {
-                "class": f"{type(control).__module__}.{type(control).__qualname__}",
-                "control_model": f"{type(model).__module__}.{type(model).__qualname__}",
-                "hint_channels": model.input_hint_block[0].weight.shape[1],
-                "dtype": str(next(model.parameters()).dtype),
-                "keys_trained_not_in_comfy": sorted(set(trained) - set(state))[:5],
-                "keys_comfy_not_trained": sorted(set(state) - set(trained))[:5],
-                "max_abs_diff_vs_trainer_ldm_file": diff,
+            (lora_model, _lora_clip) = nodes.LoraLoader().load_lora(model, clip, f"{run}.safetensors", 1.0, 1.0)
+            kohya = load_file(str(work / "runs" / run / "export" / "sdm_lora.safetensors"))
+            modules = sorted({k.split(".")[0] for k in kohya})
+            targets = {m: key_map[m] for m in modules if m in key_map}
+            before = {m: model.model.state_dict()[t].float().clone() for m, t in targets.items()}
+            lora_model.patch_model(device_to=torch.device("cpu"))
+            after = lora_model.model.state_dict()
+            worst = largest = 0.0
+            for m, t in targets.items():
+                down, up = kohya[f"{m}.lora_down.weight"].float(), kohya[f"{m}.lora_up.weight"].float()
+                alpha = kohya[f"{m}.alpha"].item() / down.shape[0]
+                delta = (up.flatten(1) @ down.flatten(1)).reshape(before[m].shape) * alpha
+                worst = max(worst, (after[t].float() - before[m] - delta).abs().max().item())
+                largest = max(largest, delta.abs().max().item())
+            lora_model.unpatch_model()
+            result["lora"][f"{run}.safetensors"] = {
+                "modules": len(modules),
+                "patched": len(targets),
+                "unmapped": [m for m in modules if m not in key_map][:5],
+                "patches_on_model": len(lora_model.patches),
+                "max_abs_diff_patched_minus_expected": worst,
+                "max_abs_expected_delta": largest,
                 "log_problems": bad_comfy_lines("\n".join(records[start:]), prompt_marker=""),
             }
-            if layout == "ldm":
-                torch.manual_seed(0)
-                c = info["hint_channels"]
-                hint = torch.zeros(1, c, 64, 64)
-                hint[:, 1 % c] = 1.0
-                with torch.no_grad():
-                    outs = model(
-                        x=torch.randn(1, 4, 8, 8),
-                        hint=hint,
-                        timesteps=torch.tensor([500.0]),
-                        context=torch.randn(1, 77, 768),
-                    )
-                outs = [o for group in outs.values() for o in group]  # {"middle": [...], "output": [...]}
-                info["forward_outputs"] = len(outs)
-                info["forward_finite"] = all(torch.isfinite(o).all().item() for o in outs)
-                if c != 3:  # what the stock Apply ControlNet nodes hand it: an IMAGE, (B, 3, H, W)
-                    try:
-                        with torch.no_grad():
-                            model(x=torch.randn(1, 4, 8, 8), hint=torch.zeros(1, 3, 64, 64),
-                                  timesteps=torch.tensor([500.0]), context=torch.randn(1, 77, 768))  # fmt: skip
-                        info["three_channel_hint"] = "accepted"
-                    except RuntimeError as e:
-                        info["three_channel_hint"] = f"RuntimeError: {str(e)[:160]}"
-            result["controlnets"][name] = info
-            del control, model, state
-
-    # LoRA: the stock LoraLoader on the stock checkpoint; patched weights == W + alpha/r * up @ down of the file.
-    import comfy.lora
-
-    model, clip, _ = nodes.CheckpointLoaderSimple().load_checkpoint(CKPT_NAME)[:3]
-    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    result["lora"] = {}
-    for run in LORA_RUNS:
-        start = len(records)
-        (lora_model, _lora_clip) = nodes.LoraLoader().load_lora(model, clip, f"{run}.safetensors", 1.0, 1.0)
-        kohya = load_file(str(work / "runs" / run / "export" / "sdm_lora.safetensors"))
-        modules = sorted({k.split(".")[0] for k in kohya})
-        targets = {m: key_map[m] for m in modules if m in key_map}
-        before = {m: model.model.state_dict()[t].float().clone() for m, t in targets.items()}
-        lora_model.patch_model(device_to=torch.device("cpu"))
-        after = lora_model.model.state_dict()
-        worst = largest = 0.0
-        for m, t in targets.items():
-            down, up = kohya[f"{m}.lora_down.weight"].float(), kohya[f"{m}.lora_up.weight"].float()
-            alpha = kohya[f"{m}.alpha"].item() / down.shape[0]
-            delta = (up.flatten(1) @ down.flatten(1)).reshape(before[m].shape) * alpha
-            worst = max(worst, (after[t].float() - before[m] - delta).abs().max().item())
-            largest = max(largest, delta.abs().max().item())
-        lora_model.unpatch_model()
-        result["lora"][f"{run}.safetensors"] = {
-            "modules": len(modules),
-            "patched": len(targets),
-            "unmapped": [m for m in modules if m not in key_map][:5],
-            "patches_on_model": len(lora_model.patches),
-            "max_abs_diff_patched_minus_expected": worst,
-            "max_abs_expected_delta": largest,
-            "log_problems": bad_comfy_lines("\n".join(records[start:]), prompt_marker=""),
-        }
     print("RESULT " + json.dumps(result))
 
 
@@ -617,32 +597,21 @@ def lora_case(work: Path, run: str, file_name: str, with_config: bool) -> dict:
 
 
 def stage_diffusers(work: Path) -> None:
-    """diffusers' stock loaders on the exports; prints one JSON line ``RESULT {...}``."""
-    import logging
-    import warnings
-
+    """diffusers' stock loaders on the exports; prints one JSON line ``RESULT {...}``: each load with the log records
+    (INFO and up) and Python warnings it caused, ``log`` with those of the rest of the stage."""
     from diffusers import ControlNetModel
     from diffusers.utils import logging as dlogging
     from safetensors.torch import load_file
 
-    records: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            records.append(f"{record.levelname} {record.name}: {record.getMessage()}")
-
     dlogging.set_verbosity_info()
-    for name in ("", "diffusers", "peft", "transformers", "accelerate"):
-        logging.getLogger(name).addHandler(Keep(level=logging.INFO))
-    warnings.simplefilter("always")
     result: dict = {"controlnets": {}}
-    with warnings.catch_warnings(record=True) as caught:
+    with capture_loader_messages() as lines:
         for run in ("cn_rgb", "cn_onehot"):
             export = work / "runs" / run / "export"
             trained = load_file(
                 str(next((work / "runs" / run / "checkpoints").glob("step_*")) / "trainable.safetensors")
             )
-            start = len(records)
+            start = len(lines)
             folder = ControlNetModel.from_pretrained(str(export / "controlnet"), local_files_only=True)
             single = ControlNetModel.from_single_file(
                 str(export / "controlnet.ldm.safetensors"), config=str(export / "controlnet"), local_files_only=True
@@ -659,7 +628,8 @@ def stage_diffusers(work: Path) -> None:
                         (state[k].float() - v.float()).abs().max().item() for k, v in trained.items() if k in state
                     ),
                 }
-            out["log"] = records[start:]
+            out["log"] = lines[start:]
+            del lines[start:]
             result["controlnets"][run] = out
         result["lora"] = {}
         result["kohya_names"] = {
@@ -668,13 +638,12 @@ def stage_diffusers(work: Path) -> None:
         }
         for run in LORA_RUNS:
             for case, (file_name, with_config) in LORA_CASES.items():
-                start, start_w = len(records), len(caught)
+                start = len(lines)
                 out = lora_case(work, run, file_name, with_config)
-                out["log"] = [line[:400] for line in records[start:]]
-                out["log"] += [f"{w.category.__name__}: {str(w.message)[:400]}" for w in caught[start_w:]]
-                del caught[start_w:]
+                out["log"] = [line[:400] for line in lines[start:]]
+                del lines[start:]
                 result["lora"][f"{run} {case}"] = out
-    result["warnings"] = [f"{w.category.__name__}: {w.message}" for w in caught]
+    result["log"] = lines
     print("RESULT " + json.dumps(result))
 
 
@@ -715,7 +684,7 @@ def check_comfy_inprocess(res: dict, problems: list[str]) -> None:
 
 
 def check_diffusers(res: dict, problems: list[str]) -> None:
-    logs = list(res["warnings"])
+    logs = list(res["log"])
     for run, naming in res.get("kohya_names", {}).items():
         if naming != EXPECTED_KOHYA_NAMES:
             problems.append(
@@ -729,7 +698,7 @@ def check_diffusers(res: dict, problems: list[str]) -> None:
             if o["trainer_keys_missing"] or o["extra_keys"] or o["max_abs_diff_vs_trainer"] != 0.0:
                 problems.append(f"diffusers ControlNetModel.{label} {run}: {o}")
     for name, o in res["lora"].items():
-        bad = [line for line in o["log"] if is_warning(line) and DIFFUSERS_BAD.search(line)]
+        bad = loader_problems(o["log"])
         failed = (
             not o["ok"]
             or bad
@@ -742,7 +711,7 @@ def check_diffusers(res: dict, problems: list[str]) -> None:
             continue
         what = o.get("error") or (bad[0] if bad else json.dumps({k: v for k, v in o.items() if k != "log"}))
         problems.append(f"diffusers load_lora_weights, {name}: {what[:500]}")
-    bad = [line for line in logs if is_warning(line) and DIFFUSERS_BAD.search(line)]
+    bad = loader_problems(logs)
     if bad:
         problems.append("diffusers/peft warnings about keys:\n  " + "\n  ".join(dict.fromkeys(bad)))
 

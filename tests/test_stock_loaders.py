@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import subprocess
 import sys
 import warnings
@@ -37,18 +36,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from layout2image.testing import sd1x_tiny_unet_config, tiny_unet_config, tiny_vae_config, write_tiny_sd
+from layout2image.testing import (
+    capture_loader_messages,
+    loader_problems,
+    sd1x_tiny_unet_config,
+    tiny_unet_config,
+    tiny_vae_config,
+    write_tiny_sd,
+)
 from layout2image.trainer.config import load_config
 from layout2image.trainer.loop import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
-#: A log line or warning about weights or keys (the environment's other warnings, e.g. transformers noting that
-#: torchvision is absent, are not the loaders' business).
-KEY_PROBLEM = re.compile(
-    r"unexpected|missing|not loaded|not used|mismatch|not initiali|lora|controlnet|key", re.IGNORECASE
-)
-#: The one expected line: a UNet-only LoRA has no text-encoder keys, which diffusers notes ("safe to ignore").
-EXPECTED = re.compile(r"No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'")
 
 TINY_UNET = tiny_unet_config(cross_attention_dim=16)
 #: SD 1.5's block structure (4 levels, 3 cross-attention down blocks + 1 plain, 2 resnets per level) at tiny widths:
@@ -111,31 +110,28 @@ def _train(world: Path, out: Path, *overrides: str) -> Trainer:
     return trainer
 
 
-class _Records(logging.Handler):
-    """Every log record of diffusers, peft, transformers and the root logger, and every Python warning."""
-
-    NAMES = ("", "diffusers", "peft", "transformers")
-
-    def __init__(self):
-        super().__init__(level=logging.WARNING)
-        self.lines: list[str] = []
-
-    def emit(self, record):
-        self.lines.append(f"{record.levelname} {record.name}: {record.getMessage()}")
-
-    def __enter__(self):
-        for name in self.NAMES:
-            logging.getLogger(name).addHandler(self)
-        self._warnings = warnings.catch_warnings(record=True)
-        self.caught = self._warnings.__enter__()
-        warnings.simplefilter("always")
-        return self
-
-    def __exit__(self, *exc):
-        self._warnings.__exit__(*exc)
-        for name in self.NAMES:
-            logging.getLogger(name).removeHandler(self)
-        self.lines += [f"{w.category.__name__}: {w.message}" for w in self.caught]
+def test_loader_message_capture():
+    """`capture_loader_messages` keeps the loaders' log records (once each, INFO and up) and Python warnings, as
+    they come; `loader_problems` keeps those at WARNING and up about keys or weights, but not diffusers' expected note."""
+    expected = "No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'. This is safe to ignore"
+    with capture_loader_messages() as lines:
+        logging.getLogger("diffusers.loaders.lora_base").warning(expected)
+        logging.getLogger("peft.tuners").warning("missing keys: x")  # reaches "peft" and the root logger
+        logging.getLogger("peft.tuners").debug("a debug key line")
+        for _ in range(2):  # repeats are kept
+            warnings.warn("a key warning", UserWarning, stacklevel=1)
+        logging.getLogger("").error("the weights are fine")
+    logging.getLogger("peft").warning("missing keys after the block")
+    assert lines == [
+        f"WARNING diffusers.loaders.lora_base: {expected}",
+        "WARNING peft.tuners: missing keys: x",
+        "WARNING py.warnings: UserWarning: a key warning",
+        "WARNING py.warnings: UserWarning: a key warning",
+        "ERROR root: the weights are fine",
+    ]
+    assert loader_problems(lines) == lines[1:4]
+    info = ["INFO peft: some keys were not used", "DEBUG peft: some keys were not used"]
+    assert loader_problems(info) == [] and loader_problems(info, level=logging.INFO) == info[:1]
 
 
 def test_trainer_controlnet_export_loads_exactly_in_stock_diffusers(world, tmp_path):
@@ -144,12 +140,12 @@ def test_trainer_controlnet_export_loads_exactly_in_stock_diffusers(world, tmp_p
     trainer = _train(world, tmp_path / "run", "model.mode=controlnet", "model.hint=rgb")
     trained = trainer.models.trainable_state_dict()
     export = tmp_path / "run" / "export"
-    with _Records() as records:
+    with capture_loader_messages() as lines:
         folder = ControlNetModel.from_pretrained(export / "controlnet", local_files_only=True)
         single = ControlNetModel.from_single_file(
             str(export / "controlnet.ldm.safetensors"), config=str(export / "controlnet"), local_files_only=True
         )
-    assert [line for line in records.lines if KEY_PROBLEM.search(line) and not EXPECTED.search(line)] == []
+    assert loader_problems(lines) == []
     assert any(v.abs().max() > 0 for k, v in trained.items() if k.startswith("controlnet_down_blocks")), "not trained"
     for model in (folder, single):
         state = model.state_dict()
@@ -166,6 +162,7 @@ def test_trainer_sdm_lora_export_passes_comfyui_rules_and_loads_exactly_in_diffu
 ):
     from diffusers import StableDiffusionPipeline
 
+    from layout2image.weights.lora import kohya_naming_of
     from layout2image.weights.lora_check import check_lora_file
 
     world = request.getfixturevalue(world_name)
@@ -187,12 +184,11 @@ def test_trainer_sdm_lora_export_passes_comfyui_rules_and_loads_exactly_in_diffu
     with safe_open(str(kohya_file), "pt") as f:
         assert f.metadata()["l2i.kohya_names"] == naming
         names = {k.partition(".")[0] for k in f.keys()}
-    ldm_named = {n for n in names if re.match(r"lora_unet_(input_blocks|middle_block|output_blocks)_", n)}
-    assert ldm_named == (names if naming == "ldm" else set()), sorted(names)[:5]
+    assert kohya_naming_of(names) == naming, sorted(names)[:5]
 
     trained = {k: v for k, v in trainer.models.trainable_state_dict().items() if ".lora_" in k}
     assert trained and any(v.abs().max() > 0 for k, v in trained.items() if ".lora_B." in k), "not trained"
-    with _Records() as records:
+    with capture_loader_messages() as lines:
         pipe = StableDiffusionPipeline.from_pretrained(
             world / "sd", local_files_only=True, safety_checker=None, requires_safety_checker=False
         )
@@ -200,7 +196,7 @@ def test_trainer_sdm_lora_export_passes_comfyui_rules_and_loads_exactly_in_diffu
             pipe.load_lora_weights(str(kohya_file))
         else:  # ldm names: StableDiffusionPipeline.load_lora_weights (diffusers 0.42) maps them only given the config
             pipe.load_lora_weights(str(kohya_file), unet_config=pipe.unet.config)
-    assert [line for line in records.lines if KEY_PROBLEM.search(line) and not EXPECTED.search(line)] == []
+    assert loader_problems(lines) == []
     (adapter,) = pipe.get_active_adapters()
     state = pipe.unet.state_dict()
     loaded_lora = {k for k in state if f".lora_A.{adapter}." in k or f".lora_B.{adapter}." in k}

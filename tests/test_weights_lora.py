@@ -29,7 +29,13 @@ from layout2image.core.sdm_lora import (
     sdm_lora_parameters,
 )
 from layout2image.core.spade import find_spade_sites, get_spade_adapter, spade_layout
-from layout2image.testing import sd1x_tiny_unet_config, tiny_clip, tiny_unet_config, tiny_vae_config
+from layout2image.testing import (
+    capture_loader_messages,
+    loader_problems,
+    sd1x_tiny_unet_config,
+    tiny_unet_config,
+    write_tiny_sd,
+)
 from layout2image.weights import (
     LORA_FORMATS,
     LoraFormatError,
@@ -44,6 +50,7 @@ from layout2image.weights import (
     detect_lora_format,
     inspect_weights,
     kohya_module_name,
+    kohya_naming_of,
     load_lora_file,
     load_sdm_lora,
     load_spade_file,
@@ -171,8 +178,7 @@ def test_both_kohya_namings_round_trip_exactly(trained, naming):
     other = {"diffusers": "ldm", "ldm": "diffusers"}[naming]
     kohya = convert_lora_state_dict(peft, "kohya", unet_config=config, alpha=ALPHA, kohya_names=naming)
     assert kohya.kohya_names == naming
-    ldm_style = [k for k in kohya.state_dict if k.startswith(("lora_unet_input_blocks_", "lora_unet_output_blocks_"))]
-    assert bool(ldm_style) == (naming == "ldm")
+    assert kohya_naming_of(kohya.state_dict) == naming
     back = convert_lora_state_dict(kohya.state_dict, "peft", unet_config=config)
     assert list(back.state_dict) == list(peft) and all(back.state_dict[k] is peft[k] for k in peft)
     assert back.alphas == kohya.alphas and back.kohya_names == ""
@@ -234,6 +240,25 @@ def test_kohya_names_follow_the_ldm_layout_of_the_config():
         assert kohya_module_name(path, config, "diffusers") == "lora_unet_" + path.replace(".", "_")
     with pytest.raises(LoraFormatError, match="not a module"):
         kohya_module_name("down_blocks.5.resnets.0.conv1", config)
+
+
+def test_kohya_naming_of_reads_the_module_roots():
+    """Each kohya name we write, alone, has its naming; other keys are ignored; both namings make "mixed"."""
+    for config in (tiny_config(1), None):
+        for naming in ("diffusers", "ldm"):
+            names = [kohya_module_name(path, config, naming) for path in unet_module_map(config)]
+            assert {n: kohya_naming_of([n]) for n in names} == dict.fromkeys(names, naming)
+    diffusers = ["lora_unet_conv_in.alpha", "lora_unet_time_embedding_linear_1.lora_down.weight"]
+    ldm = ["lora_unet_time_embed_0.alpha", "lora_unet_out_2.lora_up.weight"]
+    others = [
+        "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight",
+        "down_blocks.0.attentions.0.proj_in.lora_A.weight",
+        "lora_unet_unknown_block_0.alpha",
+    ]
+    assert kohya_naming_of(dict.fromkeys([*others, *diffusers], torch.zeros(()))) == "diffusers"  # a state dict
+    assert kohya_naming_of([*others, *ldm]) == "ldm"
+    assert kohya_naming_of([*diffusers, *ldm]) == kohya_naming_of([diffusers[0], ldm[0]]) == "mixed"
+    assert kohya_naming_of(others) == kohya_naming_of([]) == ""
 
 
 @pytest.mark.parametrize("config", [tiny_config(1), tiny_config(2), None], ids=["lpb1", "lpb2", "sd15"])
@@ -329,40 +354,12 @@ def test_diffusers_loads_the_kohya_file(trained, naming, tmp_path):
     assert torch.allclose(run(by_diffusers, layout=False), run(reference, layout=False), atol=1e-6)
 
 
-def _tiny_sd_pipeline(unet: UNet2DConditionModel, folder: Path):
-    """A StableDiffusionPipeline around ``unet``: tiny VAE, tiny CLIP text encoder (32 wide) and tokenizer."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
-
-    torch.manual_seed(0)
-    vae = AutoencoderKL(**tiny_vae_config())
-    text, tokenizer = tiny_clip(folder, hidden_size=32, intermediate_size=37)
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text.eval(),
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-
-
-#: A log record or warning about LoRA keys; the one expected line is diffusers' note that a UNet-only LoRA has no
-#: text-encoder keys ("safe to ignore").
-KEY_WARNING = re.compile(
-    r"unexpected|missing|not loaded|not used|were not|mismatch|not initiali|no lora keys", re.IGNORECASE
-)
-EXPECTED_WARNING = re.compile(r"No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'")
-
-
 def test_sd1x_shaped_kohya_export_loads_in_a_plain_diffusers_pipeline(tmp_path):
     """A tiny UNet with SD 1.x's block structure, SDM-LoRA on attention AND convs, exported by `save_sdm_lora`
     (what the trainer calls): the kohya file has diffusers names, and a plain
     ``StableDiffusionPipeline.load_lora_weights(path)`` puts exactly our LoRA weights (max abs diff 0), scaled by
     alpha / r, into the pipeline's UNet, with no key warning; its outputs equal our PEFT model's."""
-    import warnings
-
+    from diffusers import StableDiffusionPipeline
     from peft import LoraConfig, set_peft_model_state_dict
 
     config = sd1x_tiny_unet_config()
@@ -381,8 +378,7 @@ def test_sd1x_shaped_kohya_export_loads_in_a_plain_diffusers_pipeline(tmp_path):
     assert kohya_names_for(config) == "diffusers" and files.lora.kohya_names == "diffusers"
     saved = load_lora_file(files.lora_path)
     assert saved.raw_metadata["l2i.kohya_names"] == "diffusers"
-    diffusers_roots = ("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_")
-    assert all(k.startswith(diffusers_roots) for k in saved.state_dict)
+    assert kohya_naming_of(saved.state_dict) == "diffusers"
     assert check_lora_file(files.lora_path).ok
     report = inspect_weights(files.lora_path)
     assert "diffusers pipe.load_lora_weights(path)" in report.loaders  # the plain call: no unet_config= needed
@@ -400,28 +396,18 @@ def test_sd1x_shaped_kohya_export_loads_in_a_plain_diffusers_pipeline(tmp_path):
     (note,) = [n for n in ldm_report.notes if "ldm module names" in n]
     assert "not at all here" in note and "l2i-convert lora --to kohya IN OUT" in note
 
-    plain = UNet2DConditionModel(**config).eval()
-    plain.load_state_dict(base_state)
-    pipe = _tiny_sd_pipeline(plain, tmp_path / "tokenizer")
-    lines: list[str] = []
-
-    class Lines(logging.Handler):
-        def emit(self, record):
-            lines.append(f"{record.levelname} {record.name}: {record.getMessage()}")
-
-    handler = Lines(level=logging.INFO)
-    loggers = [logging.getLogger(name) for name in ("", "diffusers", "peft", "transformers")]
-    for lg in loggers:
-        lg.addHandler(handler)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            pipe.load_lora_weights(str(files.lora_path))  # plain: no unet_config, no adapter metadata
-    finally:
-        for lg in loggers:
-            lg.removeHandler(handler)
-    lines += [f"{w.category.__name__}: {w.message}" for w in caught]
-    assert [line for line in lines if KEY_WARNING.search(line) and not EXPECTED_WARNING.search(line)] == []
+    # a tiny SD folder (VAE, CLIP text encoder 32 wide) around this UNet config, its UNet set to the base weights
+    pipe = StableDiffusionPipeline.from_pretrained(
+        write_tiny_sd(tmp_path / "sd", unet=config),
+        local_files_only=True,
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
+    pipe.unet.load_state_dict(base_state)
+    assert not pipe.unet.training
+    with capture_loader_messages() as lines:
+        pipe.load_lora_weights(str(files.lora_path))  # plain: no unet_config, no adapter metadata
+    assert loader_problems(lines) == []
 
     (adapter,) = pipe.get_active_adapters()
     state = pipe.unet.state_dict()
@@ -572,8 +558,7 @@ def test_why_not_peft_names_and_not_always_diffusers_names():
     assert report.comfyui_ok and not report.a1111_ok
     written = convert_lora_state_dict(peft, "kohya", unet_config=unet.config, alpha=ALPHA)
     assert written.kohya_names == "ldm" and check_lora_state_dict(written.state_dict, unet.config).ok
-    ldm_roots = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
-    assert all(k.startswith(ldm_roots) for k in written.state_dict)
+    assert kohya_naming_of(written.state_dict) == "ldm"
     peft_report = check_lora_state_dict(peft, unet.config)
     not_loaded = {c.key for c in peft_report.failing("comfyui")}
     assert not_loaded and all(".attn" in k for k in not_loaded)
@@ -626,8 +611,7 @@ def test_sd15_export_names_pass_the_checker(kohya_names, expected):
     assert conv.kohya_names == ("diffusers" if kohya_names == "auto" else "ldm")
     for name in expected:
         assert f"{name}.lora_down.weight" in kohya, name
-    ldm_style = re.compile(r"lora_unet_(input_blocks|middle_block|output_blocks)_")
-    assert all(bool(ldm_style.match(k)) == (conv.kohya_names == "ldm") for k in kohya)
+    assert kohya_naming_of(kohya) == conv.kohya_names
     report = check_lora_state_dict(kohya, config)
     assert report.ok, report.to_text()
     assert report.comfyui_warnings() == []
@@ -705,8 +689,7 @@ def test_sdm_lora_writes_two_files_and_no_spade_keys_in_the_lora(saved):
     assert check_lora_file(files.lora_path).ok
     # the toy-shaped UNet (layers_per_block=1) is not SD 1.x-shaped: ldm module names
     assert load_lora_file(files.lora_path).raw_metadata["l2i.kohya_names"] == files.lora.kohya_names == "ldm"
-    ldm_roots = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
-    assert all(k.startswith(ldm_roots) for k in lora)
+    assert kohya_naming_of(lora) == "ldm"
     spade = load_file(files.spade_path)
     assert set(spade) == set(get_spade_adapter(saved["unet"]).state_dict())
 
@@ -817,8 +800,7 @@ def test_cli_kohya_names_option(saved, tmp_path, capsys, l2i_caplog):
     assert "not SD 1.x/2.x-shaped" in warning and "A1111" in warning
     loaded = load_lora_file(forced)
     assert loaded.raw_metadata["l2i.kohya_names"] == "diffusers"
-    diffusers_roots = ("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_")
-    assert all(k.startswith(diffusers_roots) for k in loaded.state_dict)
+    assert kohya_naming_of(loaded.state_dict) == "diffusers"
     report = check_lora_file(forced)
     assert report.comfyui_ok and not report.a1111_ok
     back = tmp_path / "back.safetensors"

@@ -28,6 +28,7 @@ from .lora import (
     LoraSummary,
     detect_lora_format,
     kohya_names_for,
+    kohya_naming_of,
     summarize_lora,
 )
 from .metadata import WeightsMetadata, describe_label_set, has_l2i_metadata
@@ -67,7 +68,6 @@ _KOHYA_BLOCK = re.compile(
     r"(lora_unet_(?:input_blocks_\d+|output_blocks_\d+|middle_block|time_embed|out"
     r"|down_blocks_\d+|up_blocks_\d+|mid_block|time_embedding|conv_in|conv_out))_"
 )
-_KOHYA_LDM_NAME = re.compile(r"lora_unet_(?:input_blocks|output_blocks|middle_block|time_embed|out)_")
 _KOHYA_LDM_BLOCK = re.compile(r"lora_unet_((?:input|output)_blocks_\d+)_")
 _LDM_BLOCK_KINDS = ("input_blocks", "output_blocks")
 
@@ -252,7 +252,7 @@ def _lora_report(infos: Mapping[str, TensorInfo], raw: Mapping[str, str], metada
                 f"A1111 ({layout}): {len(report.failing('a1111'))} key(s) not loaded, e.g. "
                 f"{report.failing('a1111')[0].key}"
             )
-    ldm_named = any(_KOHYA_LDM_NAME.match(k) for k in unet_keys)
+    ldm_named = kohya_naming_of(unet_keys) in ("ldm", "mixed")
     if not ldm_named:
         loaders.append("diffusers pipe.load_lora_weights(path)")
     else:

@@ -53,7 +53,7 @@ module of `unet_module_map` but the norms), A1111's conversion of the diffusers-
 and 2.x-shaped UNets (3 ldm blocks per level: ``layers_per_block=2`` on every level; no attention in
 ``up_blocks.0``, attention in every other up block that has an upsampler); for any other layout (e.g.
 ``layers_per_block=1``) ldm names are written, which ComfyUI and A1111 load exactly and diffusers only with
-``unet_config=`` (above). Either naming is read as input.
+``unet_config=`` (above). Either naming is read as input (`kohya_naming_of` tells which one a file has).
 
 **Module paths** (`unet_module_map`) are derived from the UNet config (levels, ``layers_per_block``, which blocks
 have attention, transformer depth), not from an SD 1.5 table. With ``L`` levels and ``n_x`` resnets in down
@@ -99,6 +99,7 @@ __all__ = [
     "detect_lora_format",
     "kohya_module_name",
     "kohya_names_for",
+    "kohya_naming_of",
     "load_lora_file",
     "lora_alphas_of",
     "peft_adapter_metadata",
@@ -135,6 +136,12 @@ _KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 _PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
 _PEFT_PREFIXES = ("unet.base_model.model.", "base_model.model.", "unet.", "")
 _UNET_ROOTS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "conv_norm_out", "time_embedding.")
+_LDM_ROOTS = ("input_blocks.", "middle_block.", "output_blocks.", "time_embed.", "out.")  # of `unet_module_map` values
+# kohya module-name prefixes of each naming (no overlap: "time_embed_" is no prefix of "time_embedding_")
+_KOHYA_NAMING_ROOTS = {
+    "ldm": tuple(KOHYA_UNET_PREFIX + root.replace(".", "_") for root in _LDM_ROOTS),
+    "diffusers": tuple(KOHYA_UNET_PREFIX + root.replace(".", "_") for root in _UNET_ROOTS),
+}
 _DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 _SD15_CONFIG = Path(__file__).resolve().parent.parent / "trainer" / "sd15_config" / "unet" / "config.json"
 
@@ -354,6 +361,29 @@ def kohya_names_for(unet_config: Any = None) -> str:
     """
     _, config = _tables_for(unet_config)  # raises for a config the module map refuses
     return "diffusers" if _diffusers_names_exact(json.dumps(config, sort_keys=True)) else "ldm"
+
+
+def kohya_naming_of(keys) -> str:
+    """The module naming of the kohya UNet keys among ``keys``: ``"diffusers"``, ``"ldm"``, ``"mixed"`` or ``""``.
+
+    Read from the name after ``lora_unet_`` (`KOHYA_UNET_PREFIX`): ldm roots (``input_blocks_``, ``middle_block_``,
+    ``output_blocks_``, ``time_embed_``, ``out_``) or diffusers roots (``down_blocks_``, ``mid_block_``,
+    ``up_blocks_``, ``time_embedding_``, ``conv_in``, ``conv_out``, ``conv_norm_out``). Other keys (text-encoder
+    keys, PEFT keys, unknown roots) are ignored; the suffixes are not checked.
+
+    Args:
+        keys (`Iterable[str]`): key names, e.g. a state dict.
+
+    Returns:
+        `str`: ``"diffusers"`` or ``"ldm"`` when every kohya UNet key has that naming (`KOHYA_NAMES`),
+        ``"mixed"`` when both occur (`convert_lora_state_dict` reads a mix), ``""`` when no key is a kohya UNet key
+        with one of these roots.
+    """
+    found = set()
+    for key in keys:
+        key = str(key)
+        found.update(naming for naming, roots in _KOHYA_NAMING_ROOTS.items() if key.startswith(roots))
+    return "mixed" if len(found) > 1 else next(iter(found), "")
 
 
 def _check_kohya_names(kohya_names: str) -> None:
