@@ -22,6 +22,8 @@ import json
 import logging
 import re
 import shutil
+import socket
+import urllib.request
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -33,6 +35,8 @@ __all__ = [
     "LOADER_PROBLEM",
     "TINY_VOCAB",
     "capture_loader_messages",
+    "free_port",
+    "http_json",
     "loader_problems",
     "sd1x_tiny_unet_config",
     "tiny_clip",
@@ -246,3 +250,23 @@ def loader_problems(lines: Iterable[str], level: int = logging.WARNING) -> list[
         and LOADER_PROBLEM.search(line)
         and not LOADER_EXPECTED.search(line)
     ]
+
+
+# ---------------------------------------------------------------------------------------------------- a ComfyUI server
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a headless ComfyUI server started by a test or benchmark)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_json(url: str, payload: Any = None, timeout: float = 10.0) -> Any:
+    """GET ``url`` (or POST ``payload`` as JSON when given) and decode the JSON answer, as ComfyUI's HTTP API speaks.
+
+    Raises:
+        urllib.error.URLError: the server is not (yet) reachable; `urllib.error.HTTPError` for an error status.
+    """
+    data = None if payload is None else json.dumps(payload).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read().decode())

@@ -47,7 +47,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -56,7 +55,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from layout2image.testing import capture_loader_messages, loader_problems
+from layout2image.testing import capture_loader_messages, free_port, http_json, loader_problems
 
 REPO = Path(__file__).resolve().parents[1]
 SD15_CONFIG_DIR = REPO / "trainer" / "sd15_config"
@@ -122,19 +121,6 @@ def self_stage(stage: str, args, log: Path, *, comfy: bool = False) -> tuple[flo
     cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", stage, "--work", str(args.work)]
     cmd += ["--comfyui", str(args.comfyui), "--steps", str(args.steps), "--size", str(args.size)]
     return run_measured(cmd, log=log, cwd=str(args.comfyui) if comfy else None, env=os.environ.copy())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http(url: str, payload=None, timeout: float = 10.0):
-    data = None if payload is None else json.dumps(payload).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as f:
-        return json.loads(f.read().decode())
 
 
 def proc_mem_gb(pid: int) -> float:
@@ -377,7 +363,7 @@ def run_comfy_server(args, report: dict) -> None:
             if server.poll() is not None:
                 raise Failure(f"ComfyUI exited with {server.returncode}:\n{log.read_text()[-3000:]}")
             try:
-                http(f"{url}/object_info/ControlNetLoader", timeout=5)
+                http_json(f"{url}/object_info/ControlNetLoader", timeout=5)
                 break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 if time.time() - t0 > 180:
@@ -386,14 +372,14 @@ def run_comfy_server(args, report: dict) -> None:
         report["comfy_server_up_s"] = time.time() - t0
         graph = stock_graph(args.size, args.steps)
         t1 = time.time()
-        queued = http(f"{url}/prompt", {"prompt": graph, "client_id": "stock_loaders"})
+        queued = http_json(f"{url}/prompt", {"prompt": graph, "client_id": "stock_loaders"})
         if queued.get("node_errors"):
             raise Failure(f"ComfyUI refused the graph: {queued['node_errors']}")
         prompt_id = queued["prompt_id"]
         while True:
             if server.poll() is not None:
                 raise Failure(f"ComfyUI exited with {server.returncode}:\n{log.read_text()[-3000:]}")
-            entry = http(f"{url}/history/{prompt_id}").get(prompt_id)
+            entry = http_json(f"{url}/history/{prompt_id}").get(prompt_id)
             if entry and entry.get("status", {}).get("status_str") in ("success", "error"):
                 break
             if time.time() - t1 > 1800:

@@ -7,7 +7,6 @@ import importlib
 import importlib.util
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import layout2image
 from layout2image.core.labels import get_label_set
 from layout2image.core.toy import DOMAINS, make_label_map
 from layout2image.core.toy.generate import ToyWorldError, check_toy_labels
+from layout2image.testing import free_port, http_json
 
 _STUB_FILE = Path(__file__).resolve().parent / "comfy_stub" / "__init__.py"
 _spec = importlib.util.spec_from_file_location("l2i_test_comfy_stub", _STUB_FILE)
@@ -249,24 +249,11 @@ def test_workflow_06_graph_runs_through_the_stand_in(comfy, world):
 
 
 # ------------------------------------------------------------------------------------------------ real ComfyUI
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _request(url: str, payload: dict | None = None, timeout: float = 10.0) -> dict:
-    data = None if payload is None else json.dumps(payload).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as response:
-        return json.loads(response.read().decode())
-
-
 def _wait_for_history(base: str, prompt_id: str, server, log: Path, timeout: float = 300.0) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert server.poll() is None, "ComfyUI exited while running the prompt:\n" + log.read_text()[-4000:]
-        history = _request(f"{base}/history/{prompt_id}")
+        history = http_json(f"{base}/history/{prompt_id}")
         entry = history.get(prompt_id)
         if entry and entry.get("status", {}).get("completed") is not None:
             if entry["status"].get("status_str") in ("success", "error"):
@@ -288,7 +275,7 @@ def test_real_comfyui_server_runs_workflow_06_to_an_image(tmp_path):
     web_root = tmp_path / "web"  # headless: no frontend package needed
     web_root.mkdir()
     (web_root / "index.html").write_text("<!doctype html><title>headless</title>\n")
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     cmd = [
         sys.executable,
@@ -315,7 +302,7 @@ def test_real_comfyui_server_runs_workflow_06_to_an_image(tmp_path):
         while True:
             assert server.poll() is None, "ComfyUI did not start:\n" + log.read_text()[-4000:]
             try:
-                info = _request(f"{base}/object_info/L2IToyGenerate", timeout=5)
+                info = http_json(f"{base}/object_info/L2IToyGenerate", timeout=5)
                 break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 assert time.monotonic() < deadline, "ComfyUI did not answer in 240 s:\n" + log.read_text()[-4000:]
@@ -326,7 +313,7 @@ def test_real_comfyui_server_runs_workflow_06_to_an_image(tmp_path):
         ), log.read_text()[-4000:]
 
         graph = json.loads(GRAPH_06.read_text(encoding="utf-8"))
-        queued = _request(f"{base}/prompt", {"prompt": graph, "client_id": "l2i-test"})
+        queued = http_json(f"{base}/prompt", {"prompt": graph, "client_id": "l2i-test"})
         assert not queued.get("node_errors"), queued
         entry = _wait_for_history(base, queued["prompt_id"], server, log)
         assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-4000:]
@@ -344,12 +331,12 @@ def test_real_comfyui_server_runs_workflow_06_to_an_image(tmp_path):
         bad = json.loads(json.dumps(graph))
         scene_id = next(k for k, v in bad.items() if v["class_type"] == "L2IToySceneLabelMap")
         bad[scene_id]["inputs"]["size"] = 100
-        queued = _request(f"{base}/prompt", {"prompt": bad, "client_id": "l2i-test"})
+        queued = http_json(f"{base}/prompt", {"prompt": bad, "client_id": "l2i-test"})
         entry = _wait_for_history(base, queued["prompt_id"], server, log)
         assert entry["status"]["status_str"] == "error"
         messages = json.dumps(entry["status"]["messages"])
         assert "L2IToyGenerate" in messages and "multiples of 8" in messages, messages[-3000:]
-        assert "devices" in _request(f"{base}/system_stats")
+        assert "devices" in http_json(f"{base}/system_stats")
     finally:
         server.terminate()
         try:
