@@ -3,8 +3,51 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
 
-__all__ = ["add_set_option", "non_negative_int", "positive_float", "positive_int"]
+__all__ = [
+    "USER_ERRORS",
+    "add_set_option",
+    "non_negative_int",
+    "positive_float",
+    "positive_int",
+    "run_reporting_errors",
+]
+
+# What bad input raises below the CLIs. Every error class of the pack subclasses ValueError (core/errors.py,
+# weights.safe_load.WeightsError, trainer ConfigError/DatasetError, ...) and says what is wrong and where; OSError
+# covers missing/unreadable files; PIL's DecompressionBombError is not a ValueError. A bug (TypeError,
+# RuntimeError, ...) still shows its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from PIL import Image
+
+        return (*USER_ERRORS, Image.DecompressionBombError)
+    except ImportError:  # pragma: no cover - PIL is a dependency
+        return USER_ERRORS
+
+
+def run_reporting_errors(prog: str, command: Callable[[], int | None]) -> int:
+    """Run ``command``; bad input becomes one line ``<prog>: error: <message>`` on stderr and exit status 2.
+
+    Args:
+        prog (`str`): the console script's name, e.g. ``"l2i-labels"``.
+        command (`Callable[[], int | None]`): the work; its return value is the exit status (None means 0).
+
+    Returns:
+        `int`: the exit status.
+    """
+    try:
+        status = command()
+    except _user_errors() as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+    return 0 if status is None else int(status)
 
 
 def _int(text: str) -> int:
