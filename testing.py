@@ -30,11 +30,14 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "FLOAT_OUTPUT_ULPS",
     "LOADER_EXPECTED",
     "LOADER_LOGGERS",
     "LOADER_PROBLEM",
     "TINY_VOCAB",
+    "assert_close_for_dtype",
     "capture_loader_messages",
+    "float_tolerance",
     "free_port",
     "http_json",
     "loader_problems",
@@ -270,3 +273,55 @@ def http_json(url: str, payload: Any = None, timeout: float = 10.0) -> Any:
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read().decode())
+
+
+# ---------------------------------------------------------------------------------------------------- float outputs
+# How far two computations of the same float function may drift apart, in units of the dtype's eps times the
+# largest magnitude of the expected output. Kernels pick their summation order (SIMD width, blocking, threads) by
+# CPU, storage alignment and batch size, so the same model on two CPUs, or over weights in two differently aligned
+# buffers, rounds differently. Measured: a tiny random SDM UNet (outputs up to 51) differs by 4.1e-5 between
+# weights read from safetensors and the original module, i.e. about 7 eps of its magnitude; 64 leaves room for
+# deeper reductions while a wrong weight or a missed term (differences of order of the output) still fails.
+FLOAT_OUTPUT_ULPS = 64
+
+
+def float_tolerance(dtype: Any, magnitude: float, ulps: float = FLOAT_OUTPUT_ULPS) -> float:
+    """The absolute tolerance for outputs of ``dtype`` whose largest magnitude is ``magnitude``:
+    ``ulps * torch.finfo(dtype).eps * magnitude``."""
+    import torch
+
+    return float(ulps * torch.finfo(dtype).eps * float(magnitude))
+
+
+def assert_close_for_dtype(actual: Any, expected: Any, *, ulps: float = FLOAT_OUTPUT_ULPS, msg: str = "") -> None:
+    """Assert that two float outputs (torch tensors or numpy arrays) agree up to rounding.
+
+    Outputs of float kernels are never compared bit for bit (only weights and data read back from files are): the
+    tolerance is `float_tolerance` of the dtype and the largest magnitude of ``expected``, applied to every
+    element, since an element near zero (a cancellation) carries the rounding of the large terms it came from.
+    Shapes, dtypes and NaN positions must match exactly.
+
+    Args:
+        actual, expected (`torch.Tensor` or `np.ndarray`): same shape and float dtype.
+        ulps (`float`, defaults to `FLOAT_OUTPUT_ULPS`): allowed drift in units of eps times the magnitude.
+        msg (`str`): prefix of the failure message (e.g. which output).
+    """
+    import torch
+
+    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    if not expected.is_floating_point():
+        raise TypeError(f"assert_close_for_dtype compares float outputs, got {expected.dtype}; use torch.equal")
+    finite = expected[torch.isfinite(expected)]
+    magnitude = float(finite.abs().max()) if finite.numel() else 0.0
+    atol = float_tolerance(expected.dtype, magnitude, ulps)
+    prefix = f"{msg}: " if msg else ""
+    torch.testing.assert_close(
+        actual,
+        expected,
+        rtol=0,
+        atol=atol,
+        equal_nan=True,
+        msg=lambda m: (
+            f"{prefix}{m}\n(tolerance {atol:.3g} = {ulps:g} x eps({expected.dtype}) x magnitude {magnitude:.3g})"
+        ),
+    )
