@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.files import atomic_write_text, default_file_mode, save_safetensors_atomic
 from ..core.logging import get_logger
 from ..core.sdm_lora import SDMLoraStateDicts, get_sdm_lora_state_dicts
 from ..core.spade import get_spade_adapter
@@ -70,6 +71,20 @@ def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str
         k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).detach().cpu().contiguous()
         for k, v in state.items()
     }
+
+
+def _save_pretrained(model, path: Path, **kwargs) -> None:
+    """``model.save_pretrained(path)`` (diffusers or transformers), then the umask's mode on every file in ``path``.
+
+    safetensors' ``save_file`` (0.8, under both libraries' ``save_pretrained``) leaves its file ``0o600``: a UI
+    running as another user could not read the export. ``path`` is a folder this export owns, so every file in it
+    is ours to fix.
+    """
+    model.save_pretrained(path, **kwargs)
+    mode = default_file_mode()
+    for file in path.rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            os.chmod(file, mode)
 
 
 def _metadata(models, kind: str, config_hash: str, **extra: str) -> WeightsMetadata:
@@ -114,27 +129,25 @@ def _export_controlnet(models, folder: Path, formats, dtype, config_hash: str, r
             if fmt != "diffusers-folder":
                 result.notes.append(f"weights.save_controlnet is not available: {fmt!r} ControlNet export skipped")
                 continue
-            controlnet.save_pretrained(path, safe_serialization=True)
+            _save_pretrained(controlnet, path, safe_serialization=True)
         else:
             save_controlnet(controlnet, path, to=fmt, metadata=md, dtype=dtype)
         result.files.append(path.relative_to(folder))
 
 
 def _export_t2i_adapter(models, folder: Path, dtype, config_hash: str, result: ExportResult) -> None:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     path = folder / "t2i_adapter"
-    models.adapter.save_pretrained(path, safe_serialization=True)
+    _save_pretrained(models.adapter, path, safe_serialization=True)
     weights = path / "diffusion_pytorch_model.safetensors"
     md = _metadata(models, "controlnet", config_hash).to_safetensors()
     md["l2i.kind"] = "t2i_adapter"  # not in weights.metadata.KINDS yet (see the module docstring)
-    save_file(_cast(load_file(str(weights)), dtype), str(weights), metadata=md)
+    save_safetensors_atomic(_cast(load_file(str(weights)), dtype), weights, metadata=md)
     result.files.append(path.relative_to(folder))
 
 
 def _export_sdm_lora(models, folder: Path, dtype, config_hash: str, result: ExportResult) -> None:
-    from safetensors.torch import save_file
-
     parts = get_sdm_lora_state_dicts(models.adapter)
     cfg = models.sdm_lora_config
     lora_config = {
@@ -148,7 +161,7 @@ def _export_sdm_lora(models, folder: Path, dtype, config_hash: str, result: Expo
     # diffusers' LoRA loader reads rank/alpha from this key (keys packed with the component prefix).
     md["lora_adapter_metadata"] = json.dumps({f"unet.{k}": v for k, v in lora_config.items()}, sort_keys=True)
     lora = {_LORA_PREFIX + k: v for k, v in _cast(parts.lora, dtype).items()}
-    save_file(lora, str(folder / LORA_FILE), metadata=md)
+    save_safetensors_atomic(lora, folder / LORA_FILE, metadata=md)
     result.files.append(Path(LORA_FILE))
 
     adapter = get_spade_adapter(models.adapter)
@@ -156,7 +169,7 @@ def _export_sdm_lora(models, folder: Path, dtype, config_hash: str, result: Expo
     if models.table is not None:
         extra.update(_save_table(models, folder / "sdm_lora.table.safetensors", config_hash, result))
     spade_md = _metadata(models, "spade", config_hash, **extra).to_safetensors()
-    save_file(_cast(parts.spade, dtype), str(folder / SPADE_FILE), metadata=spade_md)
+    save_safetensors_atomic(_cast(parts.spade, dtype), folder / SPADE_FILE, metadata=spade_md)
     result.files.append(Path(SPADE_FILE))
 
     # What ComfyUI / A1111 / diffusers load: a kohya LoRA (module names per kohya_names_for: diffusers names for
@@ -201,7 +214,7 @@ def export_models(models, folder: str | os.PathLike, config, *, config_hash: str
     else:
         raise ValueError(f"mode={models.mode!r} has no export; expected controlnet, sdm_lora or t2i_adapter")
     if models.discriminator is not None and config.export.discriminator:
-        models.discriminator.save_pretrained(folder / "discriminator")
+        _save_pretrained(models.discriminator, folder / "discriminator")
         result.files.append(Path("discriminator"))
     manifest = {
         "format": EXPORT_FORMAT,
@@ -216,7 +229,7 @@ def export_models(models, folder: str | os.PathLike, config, *, config_hash: str
         "files": [str(p) for p in result.files],
         "notes": result.notes,
     }
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     for note in result.notes:
         logger.info("export: %s", note)
     logger.info("exported %s to %s: %s", models.mode, folder, ", ".join(map(str, result.files)))

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from ..core.files import save_safetensors_atomic
 from ..core.labels import LabelSet, load_label_set
 from ..core.logging import get_logger
 from .controlnet import (
@@ -114,8 +115,6 @@ def save_class_embedding_table(
     Raises:
         ValueError: the table is not 2-D float with ``label_set.num_classes + 1`` rows.
     """
-    from safetensors.torch import save_file
-
     if table.ndim != 2 or not table.is_floating_point() or table.shape[0] != label_set.num_classes + 1:
         raise ValueError(
             f"table has shape {tuple(table.shape)} and dtype {table.dtype}; expected float "
@@ -129,10 +128,7 @@ def save_class_embedding_table(
         training_config_hash=training_config_hash,
         extra={**dict(extra or {}), "table_fingerprint": table_fingerprint(table)},
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({_TABLE_KEY: table.detach().contiguous().cpu()}, str(path), metadata=md.to_safetensors())
-    return path
+    return save_safetensors_atomic({_TABLE_KEY: table.detach().contiguous().cpu()}, path, metadata=md.to_safetensors())
 
 
 def load_class_embedding_table(path: str | os.PathLike, label_set: LabelSet | None = None) -> ClassEmbeddingTable:

@@ -60,6 +60,7 @@ from typing import Any
 import torch
 
 from ..core.controlnet import ALDM_HINT_CONV_INDICES, ALDM_HINT_ENCODING, ALDMControlNetModel
+from ..core.files import atomic_write_text, save_safetensors_atomic
 from ..core.labels import LabelSet
 from ..core.logging import get_logger
 from .metadata import MetadataError, WeightsMetadata, has_l2i_metadata
@@ -845,8 +846,6 @@ def save_controlnet_file(
     Returns:
         `Path`: the file or folder written.
     """
-    from safetensors.torch import save_file
-
     if to not in CONVERSION_TARGETS:
         raise ValueError(f"to={to!r}: expected one of {', '.join(CONVERSION_TARGETS)}")
     path = Path(path)
@@ -860,11 +859,10 @@ def save_controlnet_file(
 
         path.mkdir(parents=True, exist_ok=True)
         folder_config = {**conv.config, "_diffusers_version": diffusers.__version__}
-        (path / _CONFIG_NAME).write_text(json.dumps(folder_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        save_file(tensors, str(path / _FOLDER_WEIGHTS[0]), metadata=md)
+        atomic_write_text(path / _CONFIG_NAME, json.dumps(folder_config, indent=2, sort_keys=True) + "\n")
+        save_safetensors_atomic(tensors, path / _FOLDER_WEIGHTS[0], metadata=md)
     else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata=md)
+        save_safetensors_atomic(tensors, path, metadata=md)
     return path
 
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from ..core.files import save_safetensors_atomic
 from ..core.labels import LabelSet, load_label_set
 from ..core.logging import get_logger
 from ..core.sdm import SDM_CONDITIONS, SDMConditionSpec, SDMConfig, SDMUNet
@@ -469,8 +470,6 @@ def save_sdm_file(
     Raises:
         SDMKeyMismatchError: the tensors do not fit ``config``. MetadataError: ``C_y`` does not fit the label set.
     """
-    from safetensors.torch import save_file
-
     tensors = _tensors_of(model_or_state)
     if config is None:
         config = model_or_state.sdm_config if isinstance(model_or_state, SDMUNet) else infer_sdm_config(tensors)
@@ -481,10 +480,7 @@ def save_sdm_file(
     metadata = _metadata_for(
         config, label_set, condition, base_model=base_model, source=source, training_config_hash=training_config_hash
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(_cast(tensors, expected, dtype), str(path), metadata=metadata.to_safetensors())
-    return path
+    return save_safetensors_atomic(_cast(tensors, expected, dtype), path, metadata=metadata.to_safetensors())
 
 
 def save_sdm_pt(

@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from ..core.files import save_safetensors_atomic
 from ..core.labels import LabelSet
 from ..core.logging import get_logger
 from .lora import LoraConversion, convert_lora_state_dict, load_lora_file, lora_alphas_of, save_lora_file
@@ -217,8 +218,6 @@ def save_spade_file(
         lora_file (`str`): name of the LoRA file it belongs to.
         dtype (`torch.dtype`, *optional*): cast the weights (e.g. ``torch.float16``); None keeps them.
     """
-    from safetensors.torch import save_file
-
     config = {k: adapter.config[k] for k in ("site_names", "feature_channels", *_INT_FIELDS)}
     _check_encoding(hint_encoding, int(config["layout_channels"]), label_set, "SPADE adapter")
     module_map = _unet_module_map(unet_config)
@@ -243,10 +242,7 @@ def save_spade_file(
         k: (v.detach().to(dtype) if dtype is not None and v.is_floating_point() else v.detach()).contiguous()
         for k, v in adapter.state_dict().items()
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata.to_safetensors())
-    return path
+    return save_safetensors_atomic(tensors, path, metadata=metadata.to_safetensors())
 
 
 def _parse_config(md: WeightsMetadata, source: str) -> tuple[dict[str, Any], tuple[str, ...]]:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import save_safetensors_atomic
 from ..labels.labelset import LabelSet
 from ..logging import get_logger
 
@@ -102,16 +103,11 @@ def build_class_embedding_table(
     if key is not None:
         _memory_cache[key] = table
     if cache_file is not None:
-        from safetensors.torch import save_file
-
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        save_file(
+        save_safetensors_atomic(
             {"table": table.contiguous()},
-            str(tmp),
+            cache_file,
             metadata={"label_set": label_set.name, "template": template, "null_text": null_key, "encoder": encoder_id},
         )
-        tmp.replace(cache_file)
         logger.info("cached class-embedding table for %r at %s", label_set.name, cache_file)
     return table.clone()
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ...core.files import atomic_path
 from ...core.logging import get_logger
 
 __all__ = ["CacheStats", "EncodingCache"]
@@ -112,15 +112,12 @@ class EncodingCache:
     def _write(self, path: Path, key: str, value: torch.Tensor) -> None:
         from safetensors.torch import save_file
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"value": value.detach().to("cpu").contiguous()}, tmp, metadata={"key": key, "format": _FORMAT})
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # No fsync per entry (hundreds of small files): an entry a power cut truncates fails `_read`'s check and is
+        # recomputed.
+        with atomic_path(path, fsync=False) as tmp:
+            save_file(
+                {"value": value.detach().to("cpu").contiguous()}, str(tmp), metadata={"key": key, "format": _FORMAT}
+            )
 
     def _get(
         self,
