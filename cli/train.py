@@ -6,11 +6,20 @@ Examples::
     l2i-train --preset sd15-12gb --data data/cityscapes --output runs/cs \\
         --set data.format=cityscapes model.pretrained=models/sd15 discriminator.pretrained=models/upernet-ade
     l2i-train --output runs/cs --config runs/cs/config.yaml --resume latest     # continue a run
+    l2i-train --output runs/cs --config runs/cs/config.yaml --resume latest --set train.steps=20000  # longer
     l2i-train --preset sd15-24gb --print-config                                 # show the resolved settings
 
 Settings come from the preset, then each ``--config`` file (YAML or TOML), then ``--data``/``--output``/``--resume``,
 then the ``--set section.key=value`` overrides (values parsed as YAML: ``3``, ``1e-5``, ``true``, ``null``,
 ``[32, 32]``). A wrong key or value exits with status 2 and names the key.
+
+An ``--output`` folder that already holds a run is refused unless ``--resume`` (continue it) or ``--overwrite``
+(start afresh) is given. On resume the run's saved config is the truth: only the settings in
+`layout2image.trainer.resume.RESUMABLE` may differ (they are applied and recorded); any other difference is refused
+before anything is written. The dataset is checked before training (`layout2image.trainer.data.check`).
+
+Only ``argparse`` and the preset names are imported to build the parser: ``--help`` answers at once, and torch,
+diffusers and peft load when a command runs.
 """
 
 from __future__ import annotations
@@ -19,8 +28,8 @@ import argparse
 import logging
 import sys
 
-from ..trainer.config import ConfigError, list_presets, load_config
-from ._args import add_set_option
+from ..trainer.preset_names import list_presets
+from ._args import add_set_option, run_reporting_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", metavar="DIR", help="run folder (train.output_dir)")
     parser.add_argument(
         "--resume", metavar="latest|DIR", help="resume from <output>/checkpoints/latest or a checkpoint folder"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an --output folder that holds an earlier run: its config.yaml, checkpoints/, export/, "
+        "validation/ and logs/ are moved to <output>/replaced-<time>/ and deleted once this run saves its first "
+        "checkpoint (kept if it stops before)",
     )
     add_set_option(parser, "override settings, e.g. --set train.steps=100 adversarial.num_unroll_steps=3")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
@@ -83,8 +99,21 @@ def main(argv: list[str] | None = None) -> int:
         extra.setdefault("train", {})["output_dir"] = args.output
     if args.resume:
         extra.setdefault("train", {})["resume"] = args.resume
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the run in --output and --overwrite replaces it; pass only one")
+    # The trainer (torch, diffusers, peft) is imported only now that a command runs.
+    from ..trainer.config import ConfigError, load_config
+
+    files = list(args.config)
+    if args.resume and args.output and not args.preset and not files:
+        # Resuming with no preset or config file: start from the run's saved config (the truth on resume).
+        from ..trainer.resume import saved_config_file
+
+        saved = saved_config_file(args.resume, args.output)
+        if saved is not None:
+            files = [saved]
     try:
-        config = load_config(args.preset, args.config, args.overrides, extra)
+        config = load_config(args.preset, files, args.overrides, extra)
     except ConfigError as e:
         parser.error(str(e))
     if args.print_config:
@@ -100,12 +129,18 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    return run_reporting_errors("l2i-train", lambda: _train(config, overwrite=args.overwrite))
+
+
+def _train(config, *, overwrite: bool) -> int:
+    """Run the trainer; bad input (ConfigError, DatasetError, a refused output folder or resume, unreadable
+    files) reaches `run_reporting_errors` as one line with exit status 2."""
     from ..trainer.loop import Trainer
 
     try:
-        result = Trainer(config).run()
-    except (ConfigError, FileNotFoundError, ImportError) as e:
-        print(f"l2i-train: error: {e}", file=sys.stderr)
+        result = Trainer(config, overwrite=overwrite).run()
+    except ImportError as e:  # an optional package a setting needs (bitsandbytes, tensorboard): the pip hint
+        print(f"l2i-train: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     print(
         f"done: {result.steps_done} steps ({result.skipped_steps} skipped); checkpoint {result.checkpoint}; "

@@ -3,17 +3,25 @@
 Layout of ``<output>/checkpoints/``::
 
     step_000500/
-      state.json              step (optimizer steps done), data position (epoch, batch), skipped steps, config hash
+      state.json              step (optimizer steps done), data position (epoch, batch), skipped steps, config hash,
+                              the settings changed on resume so far
+      config.yaml             the run's config as it was when this checkpoint was written (the truth on resume)
       trainable.safetensors   the trained weights by parameter name, float32
       discriminator.safetensors   D's state dict (weights and BatchNorm statistics), when adversarial
       ema.safetensors         EMA of the trained weights, when train.ema
       optimizer.pt            optimizer, LR-schedule and grad-scaler states (torch.save of plain containers)
       export/                 the user-facing files (trainer/export.py), when train.export_on_checkpoint
+    step_000500.1/            the same step saved again (e.g. after a resume with new export settings)
     latest                    a text file naming the newest complete checkpoint folder
 
-A checkpoint is written into ``.tmp-step_000500-<pid>/``, every file is flushed to disk (fsync), and the folder
-is renamed into place; only then is ``latest`` replaced (write + rename). An interrupted save leaves a ``.tmp-*``
-folder that the next save removes, never a half checkpoint under a ``step_*`` name.
+How a save stays safe when the process is killed at any point: the checkpoint is written into
+``.tmp-step_000500-<pid>/``, every file is flushed to disk (fsync), and the folder is renamed to a name no other
+folder has (``step_000500``, or ``step_000500.1``, ``.2``, ... when that step was saved before); only then is
+``latest`` replaced (write + rename), and only after that are older folders of the same step moved to
+``.tmp-old-*`` and deleted. So ``latest`` never names a folder that is gone or half-written. Leftover ``.tmp-*``
+folders (and ``latest``'s temporary files) of an interrupted save are removed by the next save
+(`remove_leftovers`), and `resolve_resume` falls back to the newest complete checkpoint, with a warning, if
+``latest`` names a folder that is missing anyway (deleted by hand, or an older trainer's interrupted save).
 """
 
 from __future__ import annotations
@@ -23,20 +31,26 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..core.files import atomic_path, atomic_write_text, fsync_dir, save_safetensors_atomic
 from ..core.logging import get_logger
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "CONFIG_FILE",
+    "CheckpointError",
     "CheckpointState",
+    "checkpoint_step",
     "list_checkpoints",
     "load_checkpoint_files",
     "prune_checkpoints",
+    "read_checkpoint_state",
+    "remove_leftovers",
     "resolve_resume",
     "save_checkpoint",
 ]
@@ -44,8 +58,14 @@ __all__ = [
 logger = get_logger(__name__)
 
 CHECKPOINT_FORMAT = 1
-_NAME = re.compile(r"^step_(\d{6,})$")
+_NAME = re.compile(r"^step_(\d{6,})(?:\.(\d+))?$")
 LATEST = "latest"
+CONFIG_FILE = "config.yaml"
+STATE_FILE = "state.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read (truncated, corrupt, from a newer trainer); the message names the file."""
 
 
 @dataclass
@@ -58,6 +78,8 @@ class CheckpointState:
         skipped_steps (`int`): steps whose update the NaN/inf guard skipped so far.
         config_hash (`str`): `Config.hash` of the run that wrote it.
         ema_updates (`int`): updates of the EMA (its decay warm-up).
+        config_changes (`list[dict]`): settings changed on resume so far, each ``{"step", "key", "saved",
+            "requested"}`` (`layout2image.trainer.resume`).
         format (`int`): `CHECKPOINT_FORMAT`.
     """
 
@@ -67,6 +89,7 @@ class CheckpointState:
     skipped_steps: int
     config_hash: str
     ema_updates: int = 0
+    config_changes: list[dict[str, Any]] = field(default_factory=list)
     format: int = CHECKPOINT_FORMAT
 
 
@@ -74,35 +97,54 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:06d}"
 
 
+def _sort_key(path: Path) -> tuple[int, int] | None:
+    m = _NAME.match(path.name)
+    return (int(m.group(1)), int(m.group(2) or 0)) if m else None
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The step a checkpoint folder's name records (``step_000500`` and ``step_000500.1`` -> 500), else None."""
+    key = _sort_key(Path(path))
+    return key[0] if key else None
+
+
 def _fsync_tree(folder: Path) -> None:
     for path in sorted(folder.rglob("*"), reverse=True):
         if path.is_file():
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # e.g. Windows cannot open folders; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def remove_leftovers(root: str | os.PathLike) -> list[Path]:
+    """Delete what interrupted saves left in a checkpoints folder: ``.tmp-*`` folders (half-written checkpoints,
+    replaced ones not yet deleted) and ``latest``'s temporary files. Returns what was removed."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    removed = []
+    for path in sorted(root.iterdir()):
+        if path.name.startswith(".tmp-") or (path.name.startswith(f".{LATEST}.") and path.name.endswith(".tmp")):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path)
+    if removed:
+        logger.info(
+            "removed %d leftover(s) of an interrupted checkpoint save: %s", len(removed), [p.name for p in removed]
+        )
+    return removed
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+def _free_name(root: Path, step: int) -> str:
+    """``step_000500``, or the next ``step_000500.N`` when a folder of that step exists (complete or not)."""
+    base = checkpoint_name(step)
+    taken = {p.name for p in root.iterdir() if checkpoint_step(p) == step}
+    if base not in taken:
+        return base
+    version = 1 + max((_sort_key(root / n) or (0, 0))[1] for n in taken)
+    return f"{base}.{version}"
 
 
 def save_checkpoint(
@@ -113,6 +155,7 @@ def save_checkpoint(
     *,
     write_extra: Callable[[Path], None] | None = None,
     keep_last: int = 0,
+    config_yaml: str | None = None,
 ) -> Path:
     """Write one checkpoint atomically and point ``latest`` at it.
 
@@ -124,38 +167,46 @@ def save_checkpoint(
         objects (`Mapping[str, Any]`): optimizer/schedule states, written together as ``optimizer.pt``.
         write_extra (`Callable[[Path], None]`, *optional*): writes more files into the temporary folder (exports).
         keep_last (`int`, defaults to 0): keep this many newest checkpoints (0 keeps all).
+        config_yaml (`str`, *optional*): the run's config, written as ``config.yaml``.
 
     Returns:
-        `Path`: the checkpoint folder.
+        `Path`: the checkpoint folder (``step_NNNNNN``, or ``step_NNNNNN.V`` when that step was saved before; see
+        the module docstring for the order of the renames).
     """
-    from safetensors.torch import save_file
-
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-step_*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    name = checkpoint_name(state.step)
+    remove_leftovers(root)
+    name = _free_name(root, state.step)
     final = root / name
     tmp = root / f".tmp-{name}-{os.getpid()}"
     tmp.mkdir()
     try:
+        # Files inside the temporary folder need no atomic rename of their own (the folder's rename is the commit);
+        # the helpers give them the umask's mode (safetensors alone writes 0600) and fsync comes once below.
         for stem, sd in tensors.items():
-            save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp / f"{stem}.safetensors"))
-        torch.save(dict(objects), tmp / "optimizer.pt")
+            save_safetensors_atomic(
+                {k: v.detach().cpu().contiguous() for k, v in sd.items()}, tmp / f"{stem}.safetensors"
+            )
+        with atomic_path(tmp / "optimizer.pt", fsync=False) as path:
+            torch.save(dict(objects), path)
+        if config_yaml is not None:
+            atomic_write_text(tmp / CONFIG_FILE, config_yaml)
         if write_extra is not None:
             write_extra(tmp)
-        (tmp / "state.json").write_text(json.dumps(asdict(state), indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(tmp / STATE_FILE, json.dumps(asdict(state), indent=2) + "\n")
         _fsync_tree(tmp)
-        if final.exists():  # the same step saved twice (e.g. the final save after a periodic one)
-            old = root / f".tmp-old-{name}-{os.getpid()}"
-            final.rename(old)
-            shutil.rmtree(old)
-        tmp.rename(final)
-        _fsync_dir(root)
+        os.rename(tmp, final)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _write_text_atomic(root / LATEST, name + "\n")
+    # The pointer moves only to a complete folder, and nothing it named before is removed until it has moved.
+    atomic_write_text(root / LATEST, name + "\n")
+    for old in sorted(root.iterdir()):
+        if old != final and checkpoint_step(old) == state.step:  # the same step saved before: replaced
+            doomed = root / f".tmp-old-{old.name}-{os.getpid()}"
+            os.rename(old, doomed)
+            shutil.rmtree(doomed)
     logger.info("saved checkpoint %s", final)
     if keep_last:
         prune_checkpoints(root, keep_last)
@@ -163,13 +214,11 @@ def save_checkpoint(
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """Complete checkpoint folders (with ``state.json``), oldest first."""
+    """Complete checkpoint folders (with ``state.json``), oldest first (by step, then by save)."""
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [
-        (int(m.group(1)), p) for p in root.iterdir() if (m := _NAME.match(p.name)) and (p / "state.json").is_file()
-    ]
+    found = [(key, p) for p in root.iterdir() if (key := _sort_key(p)) and (p / STATE_FILE).is_file()]
     return [p for _, p in sorted(found)]
 
 
@@ -182,45 +231,133 @@ def prune_checkpoints(root: str | os.PathLike, keep_last: int) -> list[Path]:
     for path in checkpoints[: max(0, len(checkpoints) - keep_last)]:
         if path.name == latest:
             continue
-        shutil.rmtree(path)
+        # Renamed first: a kill during the delete must not leave a half-deleted folder under a step_* name.
+        doomed = root / f".tmp-old-{path.name}-{os.getpid()}"
+        os.rename(path, doomed)
+        shutil.rmtree(doomed)
         deleted.append(path)
     if deleted:
         logger.info("removed %d old checkpoint(s): %s", len(deleted), ", ".join(p.name for p in deleted))
     return deleted
 
 
+def _read_pointer(root: Path) -> str | None:
+    try:
+        return (root / LATEST).read_text(encoding="utf-8").strip() or None
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def resolve_resume(spec: str, output_dir: str | os.PathLike) -> Path:
     """``'latest'`` (the folder ``<output>/checkpoints/latest`` names) or a checkpoint folder -> its path.
 
+    If ``latest`` is missing, unreadable or names a folder that is gone or incomplete (no ``state.json``), the
+    newest complete checkpoint is used instead, with a warning.
+
     Raises:
-        FileNotFoundError: naming what was looked for.
+        FileNotFoundError: no checkpoint to resume from (naming what was looked for).
     """
     root = Path(output_dir) / "checkpoints"
     if spec == LATEST:
-        pointer = root / LATEST
-        if not pointer.is_file():
-            raise FileNotFoundError(
-                f"--resume latest: {str(pointer)!r} does not exist; no checkpoint was saved in {str(output_dir)!r} yet"
-            )
-        path = root / pointer.read_text(encoding="utf-8").strip()
+        name = _read_pointer(root)
+        path = root / name if name else None
+        if path is None or not (path / STATE_FILE).is_file():
+            found = list_checkpoints(root)
+            if not found:
+                raise FileNotFoundError(
+                    f"--resume latest: no checkpoint in {str(root)!r}; no checkpoint was saved in "
+                    f"{str(output_dir)!r} yet"
+                )
+            what = f"names {name!r}, which is not a complete checkpoint" if name else "is missing or empty"
+            logger.warning("%s %s; resuming from the newest complete checkpoint, %s", root / LATEST, what, found[-1])
+            path = found[-1]
     else:
         path = Path(spec)
         if not path.is_absolute() and not path.exists():
             path = root / spec
-    if not (path / "state.json").is_file():
+    if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"resume: {str(path)!r} is not a checkpoint folder (no state.json)")
     return path
 
 
+def _earlier_hint(folder: Path) -> str:
+    earlier = [
+        p for p in list_checkpoints(folder.parent) if p != folder and _sort_key(p) < (_sort_key(folder) or (0, 0))
+    ]
+    if earlier:
+        return f"; resume from an earlier checkpoint instead: --resume {earlier[-1]}"
+    return "; no earlier checkpoint is left in this run"
+
+
+def read_checkpoint_state(folder: str | os.PathLike) -> CheckpointState:
+    """``state.json`` of a checkpoint folder, checked.
+
+    Raises:
+        CheckpointError: the file is unreadable, not JSON, lacks a field or has one of the wrong type, or comes
+            from a newer trainer (the file is named, and an earlier checkpoint suggested if there is one).
+    """
+    folder = Path(folder)
+    path = folder / STATE_FILE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(raw, dict):
+            raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
+        known = {f.name for f in fields(CheckpointState)}
+        unknown = sorted(set(raw) - known)
+        if unknown and raw.get("format", 0) <= CHECKPOINT_FORMAT:
+            raise ValueError(f"unknown field(s) {unknown}")
+        if raw.get("format", 0) > CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"checkpoint {str(folder)!r} has format {raw.get('format')}, newer than this trainer's "
+                f"{CHECKPOINT_FORMAT}; update layout2image"
+            )
+        state = CheckpointState(**raw)
+        for name in ("step", "epoch", "batch", "skipped_steps", "ema_updates"):
+            value = getattr(state, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}={value!r} is not a non-negative integer")
+        if not isinstance(state.config_hash, str) or not isinstance(state.config_changes, list):
+            raise ValueError("config_hash must be text and config_changes a list")
+    except CheckpointError:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError, TypeError) as e:
+        raise CheckpointError(
+            f"checkpoint file {str(path)!r} cannot be read ({' '.join(str(e).split())}){_earlier_hint(folder)}"
+        ) from None
+    return state
+
+
 def load_checkpoint_files(folder: str | os.PathLike) -> tuple[CheckpointState, dict[str, dict], dict[str, Any]]:
-    """Read a checkpoint: (state, {stem: state dict}, optimizer/schedule states)."""
+    """Read a checkpoint: (state, {stem: state dict}, optimizer/schedule states).
+
+    Raises:
+        CheckpointError: a file is missing, truncated or corrupt (named, with an earlier checkpoint to resume from
+            when there is one).
+    """
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    raw = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-    if raw.get("format", 0) > CHECKPOINT_FORMAT:
-        raise ValueError(f"{folder}: checkpoint format {raw.get('format')} is newer than this trainer; update it")
-    state = CheckpointState(**raw)
-    tensors = {p.stem: load_file(str(p)) for p in sorted(folder.glob("*.safetensors"))}
-    objects = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    state = read_checkpoint_state(folder)
+
+    def fail(path: Path, e: BaseException) -> CheckpointError:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        return CheckpointError(
+            f"checkpoint file {str(path)!r} cannot be read ({reason}); it may have been cut short by a full disk or "
+            f"an interrupted copy{_earlier_hint(folder)}"
+        )
+
+    tensors = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            tensors[path.stem] = load_file(str(path))
+        except Exception as e:  # safetensors' SafetensorError is no ValueError/OSError subclass
+            raise fail(path, e) from None
+    if "trainable" not in tensors:
+        raise fail(folder / "trainable.safetensors", FileNotFoundError("missing"))
+    try:
+        objects = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated zip is a RuntimeError, a bad pickle an UnpicklingError
+        raise fail(folder / "optimizer.pt", e) from None
+    if not isinstance(objects, dict):
+        raise fail(folder / "optimizer.pt", ValueError(f"expected a dict, got {type(objects).__name__}"))
     return state, tensors, objects

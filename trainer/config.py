@@ -38,6 +38,7 @@ from ..core.hints import DEFAULT_TEMPLATE
 from ..core.sdm_lora import SDMLoraConfig
 from .config_io import ConfigError, apply_overrides, build_dataclass, merge, plain, read_config_file
 from .data import DataConfig
+from .preset_names import PRESETS_DIR, list_presets
 from .step import AdversarialConfig
 
 __all__ = [
@@ -57,7 +58,6 @@ __all__ = [
     "load_config",
 ]
 
-PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 MODES = ("controlnet", "sdm_lora", "t2i_adapter")
 HINTS = ("rgb", "onehot", "embedding")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -449,14 +449,17 @@ class Config:
 
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
 
-    def save(self, path: str | Path) -> Path:
-        """Write the resolved config as YAML (atomically)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(self.to_yaml(), encoding="utf-8")
-        tmp.replace(path)
-        return path
+    def save(self, path: str | Path, header: str | None = None) -> Path:
+        """Write the resolved config as YAML (atomically, with the umask's file mode).
+
+        Args:
+            path (`str` or `Path`): the file; its folder is created if missing.
+            header (`str`, *optional*): YAML comment lines (``# ...``) written first, e.g. the settings changed on
+                resume.
+        """
+        from ..core.files import atomic_write_text
+
+        return atomic_write_text(path, (header or "") + self.to_yaml())
 
     def hash(self) -> str:
         """16 hex digits over the settings that shape the weights (not the output folder, resume or workers)."""
@@ -492,11 +495,6 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     if not isinstance(data, Mapping):
         raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
     return build_dataclass(Config, data)
-
-
-def list_presets() -> list[str]:
-    """Names of the shipped presets (``trainer/presets/*.yaml``)."""
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
 def load_config(

@@ -19,6 +19,7 @@ averaged with an all-reduce before clipping (no DDP wrapper, so the step code se
 
 from __future__ import annotations
 
+import json
 import math
 import resource
 import sys
@@ -31,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from ..core.files import atomic_write_text
 from ..core.logging import get_logger
 from ..core.sampling import encode_prompts
 from .build import (
@@ -43,10 +45,19 @@ from .build import (
     count_discriminator_updates,
     is_tensorboard_available,
 )
-from .checkpoint import CheckpointState, load_checkpoint_files, resolve_resume, save_checkpoint
+from .checkpoint import (
+    CheckpointState,
+    checkpoint_step,
+    load_checkpoint_files,
+    remove_leftovers,
+    resolve_resume,
+    save_checkpoint,
+)
 from .config import Config, ConfigError
-from .data import EncodingCache, build_dataset, collate
+from .data import EncodingCache, build_dataset
+from .data.check import ReportingDataset, SampleReadError, check_dataset, collate_reporting, raise_if_failed
 from .export import ExportResult, export_models
+from .resume import changes_header, check_output_folder, move_earlier_run_aside, reconcile_resume_config
 from .step import LayoutDiffusionStep, encode_images
 
 __all__ = ["EncodedBatch", "ResumableBatchSampler", "StepOutcome", "TrainResult", "Trainer", "step_seed", "train"]
@@ -172,18 +183,34 @@ def _peak_memory_gib(device: torch.device) -> float:
 class Trainer:
     """A training run of ``config`` (see the module docstring); `run` trains, `train` is the one-call form.
 
+    Before anything is written: an output folder holding an earlier run is refused unless resuming or
+    ``overwrite`` (`layout2image.trainer.resume`); on resume the checkpoint is read in full and the requested config
+    is checked against the saved one (only `RESUMABLE` settings may differ); the dataset is checked
+    (`layout2image.trainer.data.check`). Then the config is written and the models load.
+
     Args:
         config (`Config`): a complete config (`Config.check_ready` is called first, before any model loads).
+        overwrite (`bool`, defaults to False): start afresh in an output folder that holds an earlier run; its
+            files are moved to ``<output>/replaced-<time>/``, deleted after this run's first checkpoint.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, overwrite: bool = False) -> None:
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
 
         config.check_ready()
-        self.config = config
         t = config.train
         self.output = Path(t.output_dir)
+        earlier = check_output_folder(self.output, resume=bool(t.resume), overwrite=overwrite)
+        checkpoint = None
+        self.config_changes: list[dict[str, Any]] = []
+        if t.resume:
+            folder = resolve_resume(t.resume, self.output)
+            checkpoint = (folder, *load_checkpoint_files(folder))
+            config, changes = reconcile_resume_config(config, folder, checkpoint[1])
+            self.config_changes = [*checkpoint[1].config_changes, *(c.to_dict() for c in changes)]
+        self.config = config
+        t = config.train
         self.config_hash = config.hash()
         use_cpu = t.cpu or not torch.cuda.is_available()
         if use_cpu and t.precision == "fp16":
@@ -202,17 +229,24 @@ class Trainer:
         if self.device.type == "cuda" and t.allow_tf32:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        if self.accelerator.is_main_process:
-            self.output.mkdir(parents=True, exist_ok=True)
-            config.save(self.output / "config.yaml")
+        main = self.accelerator.is_main_process
 
-        # Data first (cheap, and its label set decides the models).
+        # Data first (cheap, and its label set decides the models); every sample is read once before any write.
         self.dataset = build_dataset(config.data)
         label_set = self.dataset.label_set
         v = config.validation
         self.val_dataset = build_dataset(config.data, validation=True) if (v.every or v.at_end or v.at_start) else None
-
         cache_dir = Path(t.cache_dir) if t.cache_dir else self.output / "cache"
+        check_dataset(self.dataset, cache_dir=cache_dir, progress=main)
+        if self.val_dataset is not None and self.val_dataset.files != self.dataset.files:
+            check_dataset(self.val_dataset, cache_dir=cache_dir, what="validation", progress=main)
+
+        self._replaced = None
+        if main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            self._replaced = move_earlier_run_aside(self.output, earlier)
+            remove_leftovers(self.output / "checkpoints")
+            config.save(self.output / "config.yaml", header=changes_header(self.config_changes))
         # New weights (hint encoders, T2I-Adapters, the discriminator) draw from the global RNG: same seed, same init.
         torch.manual_seed(step_seed(t.seed, 0, _INIT))
         self.models: TrainingModels = build_training_models(config, label_set, self.device, cache_dir=cache_dir)
@@ -255,8 +289,8 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.position = (0, 0)  # (epoch, batch) of the next batch
-        if t.resume:
-            self._resume(resolve_resume(t.resume, self.output))
+        if checkpoint is not None:
+            self._resume(*checkpoint)
         self.sampler = ResumableBatchSampler(
             len(self.dataset),
             t.batch_size,
@@ -267,9 +301,9 @@ class Trainer:
             batch=self.position[1],
         )
         self._loader = DataLoader(
-            self.dataset,
+            ReportingDataset(self.dataset),  # a sample that fails now arrives as a message (SampleReadError)
             batch_sampler=self.sampler,
-            collate_fn=collate,
+            collate_fn=collate_reporting,
             num_workers=t.num_workers,
             persistent_workers=t.num_workers > 0,
             pin_memory=self.device.type == "cuda",
@@ -279,15 +313,8 @@ class Trainer:
         self._batches = None
 
     # ------------------------------------------------------------------ resume / checkpoints
-    def _resume(self, folder: Path) -> None:
-        state, tensors, objects = load_checkpoint_files(folder)
-        if state.config_hash != self.config_hash:
-            logger.warning(
-                "resuming from %s, written with config hash %s; this config hashes to %s (settings changed)",
-                folder,
-                state.config_hash,
-                self.config_hash,
-            )
+    def _resume(self, folder: Path, state: CheckpointState, tensors: dict, objects: dict) -> None:
+        """Load a checkpoint read (and its config checked) before the models were built."""
         self.models.load_trainable_state_dict(tensors["trainable"])
         self.g_opt.load_state_dict(objects["g_optimizer"])
         self.g_sched.load_state_dict(objects["g_schedule"])
@@ -333,11 +360,24 @@ class Trainer:
                 skipped_steps=self.skipped_steps,
                 config_hash=self.config_hash,
                 ema_updates=self.ema.num_updates if self.ema is not None else 0,
+                config_changes=list(self.config_changes),
             )
             extra = (lambda folder: self.export(folder / "export")) if t.export_on_checkpoint else None
             path = save_checkpoint(
-                self.output / "checkpoints", state, tensors, objects, write_extra=extra, keep_last=t.keep_last
+                self.output / "checkpoints",
+                state,
+                tensors,
+                objects,
+                write_extra=extra,
+                keep_last=t.keep_last,
+                config_yaml=(changes_header(self.config_changes) or "") + self.config.to_yaml(),
             )
+            if self._replaced is not None:  # --overwrite: the new run has its own checkpoint now
+                import shutil
+
+                shutil.rmtree(self._replaced, ignore_errors=True)
+                logger.info("removed the replaced earlier run %s", self._replaced)
+                self._replaced = None
         self.accelerator.wait_for_everyone()
         return path
 
@@ -347,16 +387,23 @@ class Trainer:
         if use_ema:
             self.ema.swap(self.models.parameters)
         try:
-            return export_models(self.models, folder, self.config, config_hash=self.config_hash, step=self.step)
+            result = export_models(self.models, folder, self.config, config_hash=self.config_hash, step=self.step)
         finally:
             if use_ema:
                 self.ema.swap(self.models.parameters)
+        if self.config_changes:  # the manifest also records the settings changed on resume
+            manifest_path = Path(folder) / "manifest.json"
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            manifest["config_changes"] = list(self.config_changes)
+            atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
+        return result
 
     # ------------------------------------------------------------------ one step
     def _next_batch(self) -> dict[str, Any]:
         if self._batches is None:
             self._batches = iter(self._loader)
         batch = next(self._batches)
+        raise_if_failed(batch, self.step)
         self.position = self.sampler.advance(*self.position)
         return batch
 
@@ -415,7 +462,13 @@ class Trainer:
         if self._batches is None:  # before seeding: starting workers must not shift this step's draws
             self._batches = iter(self._loader)
         torch.manual_seed(step_seed(seed, s, _GLOBAL))
-        batches = [self.encode(self._next_batch(), _generator(seed, s, _ENCODE, k)) for k in range(accumulation)]
+        position = self.position
+        try:
+            batches = [self.encode(self._next_batch(), _generator(seed, s, _ENCODE, k)) for k in range(accumulation)]
+        except SampleReadError:
+            # Nothing was updated: a checkpoint now resumes this step from its first batch.
+            self.position, self._batches = position, None
+            raise
         adversarial = self.step_fn.is_adversarial_step(s)
         autocast = self.accelerator.autocast
         terms: dict[str, float] = {}
@@ -520,7 +573,16 @@ class Trainer:
         try:
             while self.step < end:
                 started = time.perf_counter()
-                outcome = self.train_step()
+                try:
+                    outcome = self.train_step()
+                except SampleReadError as e:
+                    bar.close()
+                    saved = self.save_checkpoint()
+                    self.accelerator.end_training()
+                    raise SampleReadError(
+                        f"{e}. Training stopped; checkpoint {saved} holds the {self.step} step(s) done: fix the file, "
+                        "then continue with --resume latest"
+                    ) from None
                 outcome.seconds = time.perf_counter() - started
                 result.history.append(outcome)
                 done = self.step
@@ -548,7 +610,7 @@ class Trainer:
         finally:
             bar.close()
         if self.step < t.steps:  # stopped early: keep the state so the run can resume
-            if last_checkpoint is None or not last_checkpoint.name.endswith(f"{self.step:06d}"):
+            if last_checkpoint is None or checkpoint_step(last_checkpoint) != self.step:
                 last_checkpoint = self.save_checkpoint()
         else:
             last_checkpoint = self.save_checkpoint()
@@ -564,12 +626,15 @@ class Trainer:
     def _final_export(self) -> ExportResult:
         import shutil
 
-        final, tmp = self.output / "export", self.output / ".tmp-export"
+        final, tmp, old = self.output / "export", self.output / ".tmp-export", self.output / ".tmp-export-old"
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
         exported = self.export(tmp)
+        # Renames, then the delete: the earlier export is never half-deleted under the name "export".
         if final.exists():
-            shutil.rmtree(final)
+            final.rename(old)
         tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
         exported.folder = final
         return exported
 
