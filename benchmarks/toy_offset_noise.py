@@ -18,6 +18,7 @@ import torch
 
 from layout2image.trainer import toy_base
 from layout2image.trainer.models import load_base_models
+from layout2image.trainer.toy_base import text_to_image as t2i
 
 
 def main() -> None:
@@ -34,9 +35,10 @@ def main() -> None:
     rows = []
     for offset in args.offsets:
         bundle = load_base_models(args.base)
-        # Start every run from the same weights: the builders hand out copies of the loaded models.
-        toy_base.build_unet = lambda config, b=bundle: copy.deepcopy(b.unet).requires_grad_(True)
-        toy_base.build_text_encoder = lambda config, tok, b=bundle: copy.deepcopy(b.text_encoder).requires_grad_(True)
+        # Start every run from the same weights: the builders (looked up in the module that trains) hand out copies
+        # of the loaded models.
+        t2i.build_unet = lambda config, b=bundle: copy.deepcopy(b.unet).requires_grad_(True)
+        t2i.build_text_encoder = lambda config, tok, b=bundle: copy.deepcopy(b.text_encoder).requires_grad_(True)
         config = toy_base.ToyBaseConfig(noise_offset=offset, unet_steps=args.steps, unet_lr=args.lr, log_every=0)
         start = time.perf_counter()
         result = toy_base.train_text_to_image(config, bundle.vae, bundle.tokenizer, train)

@@ -153,6 +153,16 @@ def test_shipped_tokenizer_knows_every_caption_word(shipped):
 
 
 @needs_shipped
+def test_tokenizer_builder_rewrites_the_shipped_files_byte_for_byte(tmp_path):
+    # The shipped text encoder was trained on these token ids: the merge learner (not `tokenizers`' BPE trainer,
+    # which orders merges and ids otherwise; see trainer/toy_base/tokenizer.py) must keep writing the same files.
+    # "between" is the one word of the shipped run's 3000 training captions that caption_vocabulary() lacks.
+    build_toy_tokenizer(tmp_path, caption_vocabulary(["between"]), ToyBaseConfig().max_tokens)
+    for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / name).read_bytes() == (SHIPPED / "tokenizer" / name).read_bytes(), name
+
+
+@needs_shipped
 @pytest.mark.parametrize("folder", ["segmenter", "discriminator_init"])
 def test_shipped_segmenters_load_and_predict(folder):
     config = json.loads((SHIPPED / folder / "config.json").read_text())
