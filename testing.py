@@ -308,7 +308,7 @@ def assert_close_for_dtype(actual: Any, expected: Any, *, ulps: float = FLOAT_OU
     """
     import torch
 
-    actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
+    actual, expected = torch.as_tensor(actual).detach(), torch.as_tensor(expected).detach()
     if not expected.is_floating_point():
         raise TypeError(f"assert_close_for_dtype compares float outputs, got {expected.dtype}; use torch.equal")
     finite = expected[torch.isfinite(expected)]

@@ -25,7 +25,7 @@ import layout2image
 from layout2image.core.controlnet import ALDMConditioningEmbedding, build_controlnet
 from layout2image.core.hints import build_class_embedding_table, class_embedding_hint, one_hot, palette_rgb
 from layout2image.core.labels import LabelSet, get_label_set
-from layout2image.testing import tiny_unet_config
+from layout2image.testing import assert_close_for_dtype, tiny_unet_config
 from layout2image.weights import (
     KNOWN_FORMATS,
     UnknownFormatError,
@@ -460,7 +460,7 @@ def test_official_aldm_checkpoint_imports_into_a_file_the_loader_node_uses(
     (hint_a, out_a), (hint_b, out_b) = runs
     torch.testing.assert_close(hint_a, hint_b, rtol=0, atol=0)
     for a, b in zip(out_a["output"] + out_a["middle"], out_b["output"] + out_b["middle"]):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        assert_close_for_dtype(a, b)  # two ControlNets read from two files: residuals up to rounding
     assert any(r.abs().sum() > 0 for r in out_a["output"]), "all-zero residuals would prove nothing"
 
 

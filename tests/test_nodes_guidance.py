@@ -116,6 +116,7 @@ types_ = importlib.import_module(name + ".nodes.types")
 core_spade = importlib.import_module(name + ".core.spade")
 one_hot = importlib.import_module(name + ".core.hints").one_hot
 toy = importlib.import_module(name + ".core.labels").get_label_set("toy")
+assert_close_for_dtype = importlib.import_module(name + ".testing").assert_close_for_dtype
 
 unet_config = dict(
     image_size=32, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=[1, 1], channel_mult=[1, 2],
@@ -182,7 +183,7 @@ def check(chunks):
             expected = core_spade.spade_group_norm(
                 x_in, core_spade.expand_layout_batch(layout, x_in.shape[0], chunks), adapter.spade_for(s),
                 gn.num_groups, gn.weight, gn.bias, gn.eps)
-        assert torch.equal(o, expected), s
+        assert_close_for_dtype(o, expected, msg=s)
 
 
 out = run(clone, 5.0, 2.0)

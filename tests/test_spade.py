@@ -31,7 +31,7 @@ from layout2image.core.spade import (
     spade_layout,
     unpatch_unet,
 )
-from layout2image.testing import sd1x_tiny_unet_config, tiny_unet_config
+from layout2image.testing import assert_close_for_dtype, sd1x_tiny_unet_config, tiny_unet_config
 
 LAYOUT_CHANNELS = 5
 TINY_UNET = tiny_unet_config()
@@ -404,7 +404,7 @@ def test_several_samples_per_layout(patched, n_layouts):
         repeated = run(patched, sample, timestep, text)
     with spade_layout(patched, layout.repeat_interleave(4 // n_layouts, dim=0)):
         explicit = run(patched, sample, timestep, text)
-    assert torch.equal(repeated, explicit)
+    assert_close_for_dtype(repeated, explicit)  # the layout's storage differs: up to rounding
 
 
 def test_missing_layout_raises(patched):

@@ -30,6 +30,7 @@ from layout2image.core.sdm_lora import (
 )
 from layout2image.core.spade import find_spade_sites, get_spade_adapter, spade_layout
 from layout2image.testing import (
+    assert_close_for_dtype,
     capture_loader_messages,
     loader_problems,
     sd1x_tiny_unet_config,
@@ -287,7 +288,7 @@ def test_reloaded_kohya_file_gives_the_same_outputs(trained, tmp_path):
     fresh = plain_unet(trained["lpb"])
     add_sdm_lora(fresh, sdm_config())
     load_sdm_lora_state_dicts(fresh, SDMLoraStateDicts(lora=peft, spade=trained["spade"]))
-    assert torch.equal(run(fresh), run(unet))
+    assert_close_for_dtype(run(fresh), run(unet))  # another UNet instance: equal up to rounding
 
 
 def test_kohya_merge_formula_matches_the_peft_layers(trained):
@@ -716,7 +717,7 @@ def test_load_sdm_lora_round_trip(saved, prepared):
     if prepared:
         add_sdm_lora(unet, sdm_config())
     files = load_sdm_lora(unet, saved["files"].lora_path, LABELS)
-    assert torch.equal(run(unet), saved["out"])
+    assert_close_for_dtype(run(unet), saved["out"])  # weights read from the file: outputs up to rounding
     want = get_sdm_lora_state_dicts(saved["unet"])
     got = get_sdm_lora_state_dicts(unet)
     assert all(torch.equal(got.lora[k], v) for k, v in want.lora.items()) and got.lora.keys() == want.lora.keys()
