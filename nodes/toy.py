@@ -262,6 +262,9 @@ class L2IToySceneLabelMap(io.ComfyNode):
                     default=0,
                     min=0,
                     max=0xFFFFFFFF,
+                    # Said explicitly: the frontend gives every INT named "seed" this widget anyway, and a
+                    # schema that is silent about it gets templates whose widgets_values are one short.
+                    control_after_generate=True,
                     tooltip="Dataset seed of the toy world (0 = the one the toy models were trained with).",
                 ),
                 io.Int.Input(

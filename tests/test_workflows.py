@@ -77,16 +77,54 @@ def _check_value(where: str, inp: dict, value) -> None:
         raise AssertionError(f"{where}: unknown widget type {kind}")
 
 
+def _frontend_widgets(spec: dict) -> list[tuple[str, str, tuple]]:
+    """The widgets the ComfyUI frontend makes for a node, in ``widgets_values`` order, as ``(input, widget name,
+    allowed stored values)`` (``()`` for an input's own widget: any value of its type).
+
+    Written from the frontend's code (comfyui-frontend-package 1.35.9: its INT and COMBO widget constructors,
+    ``addValueControlWidget(s)`` and the Comfy.UploadImage extension), separately from ``workflows/build.py``, so
+    that a rule the builder gets wrong fails here:
+
+    - an INT gets "control_after_generate" when its definition's ``control_after_generate`` is true; when the
+      definition does not mention it, when the INT is named ``seed`` or ``noise_seed`` (``false`` switches it off);
+    - a COMBO whose definition says ``control_after_generate`` gets that widget and "control_filter_list";
+    - the first required COMBO with ``image_upload`` / ``animated_image_upload`` / ``video_upload`` makes the
+      frontend append a required ``upload`` input, whose button widget (stored as "image") follows the last
+      required widget.
+    """
+    out, upload = [], None
+    required = [i for i in _widgets(spec) if not i["optional"]]
+    optional = [i for i in _widgets(spec) if i["optional"]]
+    for inputs in (required, optional):
+        for inp in inputs:
+            out.append((inp["name"], inp["name"], ()))
+            says = inp.get("control_after_generate")
+            if inp["type"] == "INT" and (says if says is not None else inp["name"] in ("seed", "noise_seed")):
+                out.append((inp["name"], "control_after_generate", CONTROL_VALUES))
+            if inp["type"] == "COMBO" and says:
+                out += [
+                    (inp["name"], "control_after_generate", CONTROL_VALUES),
+                    (inp["name"], "control_filter_list", ("",)),
+                ]
+            media = any(inp.get(f"{k}_upload") for k in ("image", "animated_image", "video"))
+            if inputs is required and media and upload is None:
+                upload = (inp["name"], "upload", ("image",))
+        if inputs is required and upload:
+            out.append(upload)
+    return out
+
+
 def _split_widget_values(where: str, spec: dict, values: list) -> dict:
-    """Widget name -> value from a UI node's ``widgets_values`` (checking the frontend's extra values)."""
+    """Widget name -> value from a UI node's ``widgets_values``, read as the frontend reads them: one value per
+    widget it makes (`_frontend_widgets`), in order, so a missing or extra value cannot shift the others silently."""
     out, values = {}, list(values)
-    for inp in _widgets(spec):
-        assert values, f"{where}: widgets_values ends before {inp['name']!r}"
-        out[inp["name"]] = values.pop(0)
-        if inp.get("control_after_generate"):
-            assert values and values.pop(0) in CONTROL_VALUES, f"{where}: {inp['name']} lacks control_after_generate"
-        if inp.get("image_upload"):
-            assert values and values.pop(0) == "image", f"{where}: {inp['name']} lacks the upload widget value"
+    for input_name, name, allowed in _frontend_widgets(spec):
+        assert values, f"{where}: widgets_values ends before {input_name!r} ({name})"
+        value = values.pop(0)
+        if name == input_name:
+            out[name] = value
+        else:
+            assert value in allowed, f"{where}: {value!r} for {input_name}'s {name} widget, not one of {allowed}"
     assert not values, f"{where}: {len(values)} widget value(s) too many: {values}"
     return out
 
@@ -208,6 +246,65 @@ def test_checks_catch_broken_graphs(specs, tmp_path):
     path.write_text(json.dumps(broken))
     with pytest.raises(AssertionError, match="not a node of the pack"):
         test_ui_workflow_is_a_consistent_graph_of_known_nodes(path, specs)
+
+
+def test_widget_values_follow_the_frontend_rules(specs):
+    """The frontend's extra widgets: a seed named INT gets "control after generate" unless its definition says
+    false, a combo only when it says so (with a filter list), an image upload combo an upload button after the
+    required widgets; the builder writes them all."""
+
+    def names(*inputs):
+        spec = {"inputs": [{"widget": True, "optional": False} | i for i in inputs], "outputs": []}
+        got = [name for _, name, _ in _frontend_widgets(spec)]
+        assert got == [name for _, name, _ in build.frontend_widgets(spec)], "the builder's rule differs"
+        return got
+
+    assert names({"name": "seed", "type": "INT"}) == ["seed", "control_after_generate"]
+    assert names({"name": "noise_seed", "type": "INT"}) == ["noise_seed", "control_after_generate"]
+    assert names({"name": "seed", "type": "INT", "control_after_generate": False}) == ["seed"]
+    assert names({"name": "steps", "type": "INT"}) == ["steps"]
+    assert names({"name": "index", "type": "INT", "control_after_generate": True}) == [
+        "index",
+        "control_after_generate",
+    ]
+    assert names({"name": "seed", "type": "FLOAT"}) == ["seed"]
+    assert names({"name": "sampler", "type": "COMBO", "options": ["a"]}) == ["sampler"]
+    assert names({"name": "sampler", "type": "COMBO", "control_after_generate": True}) == [
+        "sampler",
+        "control_after_generate",
+        "control_filter_list",
+    ]
+    assert names(
+        {"name": "image", "type": "COMBO", "image_upload": True},
+        {"name": "seed", "type": "INT"},
+        {"name": "scale", "type": "FLOAT", "optional": True},
+    ) == ["image", "seed", "control_after_generate", "upload", "scale"]
+    assert [n for _, n, _ in _frontend_widgets(specs["LoadImage"])] == ["image", "upload"]
+    for node_type, spec in specs.items():  # both rules agree on every node the templates may use
+        assert _frontend_widgets(spec) == [
+            (i, n, () if v is None else (CONTROL_VALUES if n == "control_after_generate" else (v,)))
+            for i, n, v in build.frontend_widgets(spec)
+        ], node_type
+
+    # template 06 as it was written before the pack said control_after_generate for the scene seed: five values
+    # where the frontend reads six (it showed "control after generate = 1000000" and batch_size = NaN)
+    wf = _load(WORKFLOWS / "06_toy_world_end_to_end.json")
+    scene = next(n for n in wf["nodes"] if n["type"] == "L2IToySceneLabelMap")
+    assert len(scene["widgets_values"]) == 6 and scene["widgets_values"][1] in CONTROL_VALUES
+    old = [v for i, v in enumerate(scene["widgets_values"]) if i != 1]
+    with pytest.raises(AssertionError, match="ends before|not one of"):
+        _split_widget_values("06 scene", specs["L2IToySceneLabelMap"], old)
+
+
+def test_the_packs_seeds_say_whether_they_get_the_control_widget(specs):
+    """Every INT of the pack that the frontend would give a control widget by its name says so in its schema, so
+    the node definition, the templates and what a user sees agree (and a later rename cannot change it)."""
+    for node_type, spec in specs.items():
+        if not node_type.startswith("L2I"):
+            continue
+        for inp in _widgets(spec):
+            if inp["type"] == "INT" and inp["name"] in ("seed", "noise_seed"):
+                assert "control_after_generate" in inp, f"{node_type}.{inp['name']}: say control_after_generate"
 
 
 # ------------------------------------------------------------------------------------------------ real ComfyUI

@@ -9,8 +9,8 @@ Run from a checkout with the package installed (``pip install -e .``)::
 
 How the UI form is derived (ComfyUI frontend rules, workflow ``version`` 0.4): a node's ``inputs`` are its socket
 inputs (required, then optional, as in ``/object_info``), its ``widgets_values`` the widget inputs in the same
-order, with the extra value the frontend stores after an INT with ``control_after_generate`` ("fixed") and after an
-``image_upload`` combo ("image"). A widget fed by another node's output (``g.add(..., name=node.out(...))``) is
+order, with the values of the widgets the frontend adds (`frontend_widgets`: "fixed" after a seed's "control after
+generate", "image" for an ``image_upload`` combo's upload button). A widget fed by another node's output (``g.add(..., name=node.out(...))``) is
 listed after the sockets as a converted widget (``"widget": {"name": ...}``, its value kept in ``widgets_values``).
 Links are ``[id, from_node, from_slot, to_node, to_slot, type]``. Node specs come
 from our schemas (through the ComfyUI stand-in in ``tests/comfy_stub``) and, for ComfyUI's own nodes, from
@@ -78,6 +78,50 @@ LAYOUT_IMAGE = "l2i_layout_ade20k.png"
 NEGATIVE = "blurry, low quality, distorted"
 
 
+#: Upload options of a COMBO input (V1 ``{"image_upload": True}``, V3 ``io.Combo.Input(upload=UploadType.image)``).
+UPLOAD_KINDS = ("image_upload", "animated_image_upload", "video_upload", "audio_upload")
+
+
+# ---------------------------------------------------------------------------------------------- frontend rules
+def frontend_widgets(spec: dict) -> list[tuple[str, str, Any]]:
+    """The widgets the ComfyUI frontend (comfyui-frontend-package 1.35) makes for a node, in ``widgets_values``
+    order, as ``(input name, widget name, value a template stores)``; the value is ``None`` for an input's own
+    widget (the node's value goes there) and set for a widget the frontend adds:
+
+    - ``control_after_generate`` right after an INT whose definition says ``control_after_generate``, or, when the
+      definition says nothing, whose name is ``seed`` or ``noise_seed`` (``False`` switches it off). Templates
+      store "fixed": loading a template must not change its seed on the first run.
+    - after a COMBO whose definition says ``control_after_generate``: that widget and a ``control_filter_list``
+      (stored "").
+    - ``upload`` (a button stored as "image") after the last required input when a required COMBO has
+      ``image_upload``, ``animated_image_upload`` or ``video_upload`` (the frontend appends an ``upload`` input).
+
+    Raises:
+        ValueError: an ``audio_upload`` combo (its widgets are not modelled here).
+    """
+    out: list[tuple[str, str, Any]] = []
+    upload = None
+    for group in (False, True):  # required, then optional
+        for inp in spec["inputs"]:
+            if inp["optional"] != group or not inp["widget"]:
+                continue
+            if inp.get("audio_upload"):
+                raise ValueError(f"{inp['name']}: audio_upload widgets are not modelled; add them to this rule")
+            out.append((inp["name"], inp["name"], None))
+            control = inp.get("control_after_generate")
+            if inp["type"] == "INT" and control is None:
+                control = inp["name"] in ("seed", "noise_seed")
+            if inp["type"] in ("INT", "COMBO") and control:
+                out.append((inp["name"], "control_after_generate", "fixed"))
+            if inp["type"] == "COMBO" and control:
+                out.append((inp["name"], "control_filter_list", ""))
+            if not group and upload is None and any(inp.get(k) for k in UPLOAD_KINDS):
+                upload = inp["name"]
+        if not group and upload is not None:
+            out.append((upload, "upload", "image"))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- node specs
 def _spec_from_v1(name: str, input_types: dict, outputs: list[tuple[str, str]], output_node: bool) -> dict:
     """A node spec from V1-style ``INPUT_TYPES()`` (``{"required": {name: (type, opts)}, "optional": ...}``)."""
@@ -99,10 +143,11 @@ def _spec_from_v1(name: str, input_types: dict, outputs: list[tuple[str, str]], 
             for key in ("default", "min", "max", "step", "multiline"):
                 if key in opts and not (key == "default" and item.get("dynamic")):
                     item[key] = opts[key]
-            if opts.get("control_after_generate"):
-                item["control_after_generate"] = True
-            if opts.get("image_upload"):
-                item["image_upload"] = True
+            if opts.get("control_after_generate") is not None:  # False or a default mode count too
+                item["control_after_generate"] = opts["control_after_generate"]
+            for upload in UPLOAD_KINDS:
+                if opts.get(upload):
+                    item[upload] = True
             inputs.append(item)
     return {
         "inputs": inputs,
@@ -121,8 +166,10 @@ def _v3_input_types(schema) -> dict:
                 opts[key] = value
         if getattr(inp, "multiline", False):
             opts["multiline"] = True
-        if getattr(inp, "control_after_generate", None):
-            opts["control_after_generate"] = True
+        if getattr(inp, "control_after_generate", None) is not None:
+            opts["control_after_generate"] = inp.control_after_generate
+        if getattr(inp, "upload", None) is not None:
+            opts[inp.upload.value] = True
         if getattr(inp, "force_input", None):
             opts["forceInput"] = True
         kind = inp.options if inp.io_type == "COMBO" else inp.io_type
@@ -309,16 +356,7 @@ class Graph:
         return sockets + linked
 
     def _widget_values(self, node: Node) -> list:
-        values = []
-        for inp in node.spec["inputs"]:
-            if not inp["widget"]:
-                continue
-            values.append(node.widgets[inp["name"]])
-            if inp.get("control_after_generate"):
-                values.append("fixed")
-            if inp.get("image_upload"):
-                values.append("image")
-        return values
+        return [node.widgets[name] if stored is None else stored for name, _, stored in frontend_widgets(node.spec)]
 
     def ui(self) -> dict:
         links, link_ids = [], {}
