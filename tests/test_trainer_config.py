@@ -184,3 +184,26 @@ def test_toy_base_preset_goes_to_the_toy_base_trainer(monkeypatch, capsys):
     seen = []
     monkeypatch.setattr(toy_base, "main", lambda argv: seen.append(argv) or 0)
     assert train_main(["--preset", "toy-base", "--output", "w"]) == 0 and seen == [["--out", "w"]]
+
+
+def test_cli_help_imports_no_trainer_and_answers_fast():
+    """``l2i-train --help`` builds its parser from argparse and the preset names only (it took 21-27 s when the
+    trainer config imported torch, diffusers and peft)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, layout2image.cli.train as t; p = t.build_parser(); p.format_help(); "
+        "print(sorted(m for m in ('torch', 'diffusers', 'peft', 'transformers', 'accelerate') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--help"])
+    assert exit_info.value.code == 0
+
+
+def test_cli_resume_and_overwrite_exclude_each_other(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--output", "o", "--resume", "latest", "--overwrite"])
+    assert exit_info.value.code == 2 and "pass only one" in capsys.readouterr().err

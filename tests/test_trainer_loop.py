@@ -9,19 +9,23 @@ evaluation segmenter (random tiny SegFormer saved as a discriminator folder).
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from layout2image.cli.train import main as train_main
 from layout2image.core.labels import load_label_set
 from layout2image.testing import write_tiny_sd
 from layout2image.trainer.build import build_generator_optimizer, is_bitsandbytes_available, is_tensorboard_available
 from layout2image.trainer.checkpoint import list_checkpoints, prune_checkpoints
 from layout2image.trainer.config import OptimConfig, load_config
 from layout2image.trainer.loop import ResumableBatchSampler, Trainer
+from layout2image.trainer.resume import ResumeConfigError
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +45,11 @@ def tiny_world(tmp_path_factory) -> Path:
 
 
 def _config(world: Path, out: Path, *overrides: str):
+    return load_config("toy", overrides=_overrides(world, out, *overrides))
+
+
+def _overrides(world: Path, out: Path, *overrides: str) -> list[str]:
+    """The `--set` list of `_config` (the CLI takes ``--preset toy --set`` with these)."""
     base = [
         f"model.pretrained={world / 'sd'}",
         f"data.root={world / 'data'}",
@@ -68,7 +77,7 @@ def _config(world: Path, out: Path, *overrides: str):
         "discriminator.tiny=true",
         "validation.segmenter=null",
     ]
-    return load_config("toy", overrides=base + list(overrides))
+    return base + list(overrides)
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -304,3 +313,181 @@ def test_tensorboard_logs_losses_validation_and_the_config(tiny_world, tmp_path)
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2]
     assert "validation" in acc.Tags()["images"]
     assert any("config" in tag for tag in acc.Tags()["tensors"])  # the resolved config as text
+
+
+# ---------------------------------------------------------------------------------------------------- run folders
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` by relative path, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _cli(world: Path, out: Path, *overrides: str, flags: tuple[str, ...] = ()) -> int:
+    return train_main(["--preset", "toy", "--output", str(out), *flags, "--set", *_overrides(world, out, *overrides)])
+
+
+def _one_line_error(capsys) -> str:
+    """The error line of stderr (progress bars may come before it): one line, no traceback."""
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1] if err else ""
+    assert last.startswith("l2i-train: error: ") and "Traceback" not in err, err
+    assert err.count("l2i-train: error") == 1, err
+    return last
+
+
+def test_an_output_folder_holding_a_run_is_refused_unless_resume_or_overwrite(tiny_world, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _cli(tiny_world, out, "train.steps=2", "train.checkpoint_every=1", "train.keep_last=0") == 0
+    before = _tree(out)
+    assert {"checkpoints/step_000002/trainable.safetensors", "export/manifest.json", "config.yaml"} <= set(before)
+    capsys.readouterr()
+
+    assert _cli(tiny_world, out, "train.steps=1") == 2  # neither --resume nor --overwrite: refused, nothing written
+    err = _one_line_error(capsys)
+    assert "already holds a run" in err and "--resume latest" in err and "--overwrite" in err
+    assert _tree(out) == before
+
+    # --overwrite starts afresh: none of the earlier checkpoints or export is left once the new run has saved.
+    assert _cli(tiny_world, out, "train.steps=1", flags=("--overwrite",)) == 0
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_000001"]
+    assert json.loads((out / "export" / "manifest.json").read_text())["step"] == 1
+    assert not list(out.glob("replaced-*"))
+    fresh = _tree(out)
+
+    # An overwrite that fails before its first checkpoint keeps the earlier run, moved aside intact.
+    assert (
+        _cli(tiny_world, out, "train.steps=1", f"model.pretrained={tmp_path / 'no-model'}", flags=("--overwrite",))
+        == 2
+    )
+    assert "no-model" in _one_line_error(capsys)
+    (replaced,) = out.glob("replaced-*")
+    kept = _tree(replaced)
+    assert kept == {k: v for k, v in fresh.items() if not k.startswith("cache/")}  # the encoding cache stays
+
+
+def test_resume_refuses_changed_settings_before_writing_anything(tiny_world, tmp_path, capsys):
+    out = tmp_path / "run"
+    settings = ("train.steps=4", "train.checkpoint_every=2")
+    Trainer(_config(tiny_world, out, *settings)).run(stop_at=2)
+    before = _tree(out)
+    saved = load_config(files=[out / "config.yaml"])
+    for change, key, requested in [
+        ("optim.lr=0.002", "optim.lr", "0.002"),
+        ("train.batch_size=4", "train.batch_size", "4"),
+        ("model.hint=rgb", "model.hint", "'rgb'"),
+    ]:
+        with pytest.raises(ResumeConfigError) as info:
+            Trainer(_config(tiny_world, out, *settings, "train.resume=latest", change))
+        section, name = key.split(".")
+        assert f"{key}: saved {getattr(getattr(saved, section), name)!r}, requested {requested}" in str(info.value)
+        assert _tree(out) == before, change
+    # Through the CLI (settings read from the saved config): one line, exit 2, still nothing written.
+    assert train_main(["--output", str(out), "--resume", "latest", "--set", "optim.lr=0.002"]) == 2
+    assert "optim.lr: saved" in _one_line_error(capsys)
+    assert _tree(out) == before
+
+
+def test_resume_applies_and_records_the_allowed_changes(tiny_world, tmp_path, capsys):
+    out = tmp_path / "run"
+    Trainer(_config(tiny_world, out, "train.steps=2", "train.keep_last=0")).run()
+    manifest = json.loads((out / "export" / "manifest.json").read_text())
+    assert manifest["step"] == 2 and "config_changes" not in manifest
+    changes = ["train.steps=4", "train.checkpoint_every=1", "export.dtype=fp16"]
+    assert train_main(["--output", str(out), "--resume", "latest", "--set", *changes]) == 0
+    assert capsys.readouterr().out.startswith("done: 4 steps")
+    # Applied: two more steps, a checkpoint after each (checkpoint_every=1), a float16 export.
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_000002", "step_000003", "step_000004"]
+    for name in ("controlnet.safetensors", "controlnet/diffusion_pytorch_model.safetensors"):
+        assert {t.dtype for t in load_file(out / "export" / name).values()} == {torch.float16}, name
+    # Recorded, with the step: state.json, config.yaml (values and a comment), the export's manifest.
+    expected = [
+        {"step": 2, "key": "export.dtype", "saved": "fp32", "requested": "fp16"},
+        {"step": 2, "key": "train.checkpoint_every", "saved": 0, "requested": 1},
+        {"step": 2, "key": "train.steps", "saved": 2, "requested": 4},
+    ]
+    state = json.loads((out / "checkpoints" / "step_000004" / "state.json").read_text())
+    assert state["config_changes"] == expected
+    manifest = json.loads((out / "export" / "manifest.json").read_text())
+    assert manifest["config_changes"] == expected and manifest["step"] == 4
+    text = (out / "config.yaml").read_text()
+    assert "# Settings changed on resume" in text and "#   step 2: train.steps: 2 -> 4" in text
+    resolved = load_config(files=[out / "config.yaml"])
+    assert (resolved.train.steps, resolved.train.checkpoint_every, resolved.export.dtype) == (4, 1, "fp16")
+    assert (out / "checkpoints" / "step_000004" / "config.yaml").read_text() == text
+
+
+def _copy_data(world: Path, tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    shutil.copytree(world / "data", data)
+    return data
+
+
+def _put_label_id(label: Path, value: int) -> None:
+    """Put the id ``value`` into one pixel of a palette label map (its palette kept)."""
+    from PIL import Image
+
+    with Image.open(label) as img:
+        arr, palette = np.array(img), img.getpalette()
+    arr[0, 0] = value
+    out = Image.fromarray(arr, "P")
+    out.putpalette(palette)
+    out.save(label)
+
+
+def test_bad_data_is_reported_before_training_with_nothing_written(tiny_world, tmp_path, capsys):
+    data = _copy_data(tiny_world, tmp_path)
+    label = data / "labels" / "toy_000002.png"
+    _put_label_id(label, 42)  # the toy label set has 8 classes and the ignore id 255
+    image = data / "images" / "toy_000005.png"
+    image.write_bytes(image.read_bytes()[:200])  # header intact, pixels cut
+    out = tmp_path / "run"
+    assert _cli(tiny_world, out, f"data.root={data}") == 2
+    err = _one_line_error(capsys)
+    assert "data check: 2 of 8 training sample(s) cannot be used" in err
+    assert str(label) in err and str(image) in err
+    assert not (out / "config.yaml").exists() and not (out / "checkpoints").exists()
+
+
+def test_a_sample_that_breaks_mid_run_saves_a_checkpoint_and_names_the_file(tiny_world, tmp_path, capsys, monkeypatch):
+    import layout2image.trainer.loop as loop
+
+    data = _copy_data(tiny_world, tmp_path)
+    out = tmp_path / "run"
+    settings = ("train.steps=2", "train.num_workers=1", "train.keep_last=0", f"data.root={data}")
+    config = _config(tiny_world, out, *settings)
+    # The file read at step 1 breaks after the data check (simulated by skipping the check).
+    order = ResumableBatchSampler(8, config.train.batch_size, config.train.seed).order(0)
+    stem = sorted(p.stem for p in (data / "labels").iterdir())[order[2]]
+    label = data / "labels" / f"{stem}.png"
+    good = label.read_bytes()
+    _put_label_id(label, 42)
+    with monkeypatch.context() as m:
+        m.setattr(loop, "check_dataset", lambda *args, **kwargs: None)
+        assert _cli(tiny_world, out, *settings) == 2
+    err = _one_line_error(capsys)
+    assert "step 1: a training sample could not be read" in err and str(label) in err and "--resume latest" in err
+    (saved,) = list_checkpoints(out / "checkpoints")
+    state = json.loads((saved / "state.json").read_text())
+    assert (saved.name, state["step"], state["epoch"], state["batch"]) == ("step_000001", 1, 0, 1)
+    assert str(saved) in err
+
+    # Fixed, the run resumes at the failed step and finishes.
+    label.write_bytes(good)
+    assert train_main(["--output", str(out), "--resume", "latest"]) == 0
+    assert capsys.readouterr().out.startswith("done: 2 steps")
+
+    # A damaged checkpoint: one line naming the file and the earlier checkpoint; nothing written.
+    final = out / "checkpoints" / "step_000002"
+    for name, damage in [
+        ("trainable.safetensors", lambda f: f.write_bytes(f.read_bytes()[:-100])),
+        ("state.json", lambda f: f.write_text("{not json")),
+    ]:
+        keep = (final / name).read_bytes()
+        damage(final / name)
+        before = _tree(out)
+        assert train_main(["--output", str(out), "--resume", "latest", "--set", "train.steps=3"]) == 2
+        err = _one_line_error(capsys)
+        assert str(final / name) in err and f"--resume {out / 'checkpoints' / 'step_000001'}" in err
+        assert _tree(out) == before
+        (final / name).write_bytes(keep)
