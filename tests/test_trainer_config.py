@@ -207,3 +207,37 @@ def test_cli_resume_and_overwrite_exclude_each_other(capsys):
     with pytest.raises(SystemExit) as exit_info:
         train_main(["--output", "o", "--resume", "latest", "--overwrite"])
     assert exit_info.value.code == 2 and "pass only one" in capsys.readouterr().err
+
+
+def test_resume_config_rules(tmp_path):
+    from layout2image.trainer.checkpoint import CheckpointState
+    from layout2image.trainer.resume import ResumeConfigError, reconcile_resume_config
+
+    def config(*overrides):
+        return load_config("toy", overrides=["train.steps=20", "data.root=d", "train.output_dir=o", *overrides])
+
+    saved = config()
+    folder = tmp_path / "checkpoints" / "step_000010"
+    folder.mkdir(parents=True)
+    state = CheckpointState(step=10, epoch=0, batch=10, skipped_steps=0, config_hash=saved.hash())
+    # No saved config.yaml anywhere (an older trainer's checkpoint): the recorded hash decides.
+    assert reconcile_resume_config(config("train.resume=latest"), folder, state)[1] == []
+    with pytest.raises(ResumeConfigError, match="which ones cannot be told"):
+        reconcile_resume_config(config("optim.lr=0.5"), folder, state)
+    saved.save(folder / "config.yaml")
+    with pytest.raises(ResumeConfigError, match="train.steps=5 is below the checkpoint's step 10"):
+        reconcile_resume_config(config("train.steps=5"), folder, state)
+    resumed, changes = reconcile_resume_config(
+        config("train.steps=30", "data.root=e", "train.keep_last=9"), folder, state
+    )
+    assert resumed.train.steps == 30 and resumed.data.root == "e"
+    assert [c.describe() for c in changes] == [
+        "data.root: 'd' -> 'e' at step 10",
+        "train.keep_last: 2 -> 9 at step 10",
+        "train.steps: 20 -> 30 at step 10",
+    ]
+    with pytest.raises(ResumeConfigError) as info:  # every refused key listed, the allowed ones not
+        reconcile_resume_config(config("optim.lr=0.5", "train.seed=3", "train.steps=30"), folder, state)
+    message = str(info.value)
+    assert "2 setting(s) differ" in message and "optim.lr: saved 0.001, requested 0.5" in message
+    assert "train.seed: saved 0, requested 3" in message and "train.steps: saved" not in message
