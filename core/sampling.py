@@ -15,7 +15,7 @@ passes of a step run as one UNet batch ``[∅-text | text | text without layout]
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -179,6 +179,7 @@ def sample_latents(
     eta: float = 0.0,
     generator: torch.Generator | None = None,
     latents: torch.Tensor | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Run the sampler and return clean latents.
 
@@ -191,6 +192,7 @@ def sample_latents(
         eta (`float`, defaults to 0.0): DDIM η (ignored by schedulers without it).
         generator (`torch.Generator`, *optional*): for the initial noise (and η noise).
         latents (`torch.Tensor`, *optional*): `(B, C, h, w)` initial noise to use instead of drawing it.
+        on_step (`Callable[[], None]`, *optional*): called after each sampling step (a progress bar's update).
 
     Returns:
         `torch.Tensor`: `(B, C, h, w)` float latents (divide by the VAE scaling factor to decode).
@@ -230,6 +232,8 @@ def sample_latents(
             layout_guidance_scale=layout_guidance_scale if layout_active else 1.0,
         )
         latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
+        if on_step is not None:
+            on_step()
     return latents
 
 

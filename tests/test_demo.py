@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
+import numpy as np
 import pytest
 
+from layout2image.cli.demo import _reference_note, _summary
 from layout2image.cli.demo import main as demo_main
 from layout2image.core.toy import DOMAINS
 from layout2image.trainer.demo import (
     VAL_START,
     ComparisonResult,
     DemoResult,
+    _prompt_template,
+    base_domain_figures,
     comparison_markdown,
     demo_config,
+    documented_comparison,
     prepare_demo_data,
 )
 from layout2image.trainer.models import TOY_WEIGHTS_DIR
@@ -54,13 +61,51 @@ def test_demo_config_uses_the_shipped_world_and_never_scores_with_d(tmp_path):
     assert (cfg.data.split, cfg.data.val_split) == ("train", "val")
 
 
+def _bare_grid_size(rows: int, cols: int, tile: int = 128, pad: int = 2) -> tuple[int, int]:
+    return rows * (tile + pad) + pad, cols * (tile + pad) + pad
+
+
+def _check_annotated(path: Path, rows: int, cols: int) -> None:
+    """The picture is the bare grid plus text: taller (caption + header), wider (prompts + legend), and the strip
+    above the tiles carries text over every tile column."""
+    from PIL import Image
+
+    image = np.asarray(Image.open(path).convert("RGB"))
+    height, width = _bare_grid_size(rows, cols)
+    assert image.shape[0] > height + 20 and image.shape[1] > width + 200, image.shape
+    top = image.shape[0] - height  # the grid sits at the bottom left (the legend is shorter than the grid)
+    for c in range(cols):
+        x = 2 + c * 130
+        assert (image[:top, x : x + 128] != 255).any(), f"{path.name}: no text above tile column {c}"
+    assert (image[top + 2 : top + 130, 2:130] != 255).any()  # the first layout tile is where it should be
+
+
 @needs_shipped
 def test_short_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert demo_main(["--out", str(out), *SHORT, *SHORT_SET]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "layout mIoU" in printed and str(out / "grid.png") in printed
     summary = json.loads((out / "summary.json").read_text())
+    # The figures, not a verdict: the brightness per word and night - day, next to the base model's own figure.
+    assert "still work" not in printed
+    stats = summary["domain_stats"]
+    words = ", ".join(f"{d} {stats[d]['brightness']:.2f}" for d in DOMAINS)
+    assert f"mean sample brightness (0 black .. 1 white): {words}" in printed
+    base = base_domain_figures("builtin:toy")["night_minus_day_brightness"]
+    assert summary["base_night_minus_day_brightness"] == base
+    assert f"night - day {summary['night_minus_day_brightness']:+.3f}; the base model alone: {base:+.3f}" in printed
+    assert "ALDM ControlNet, seed 0: 2 steps" in printed
+    # A 2-step run is not the documented 300-step run: no comparison with the README's figure.
+    assert "README" not in printed
+    # Progress: a line before each phase and bars for the loops, on stderr.
+    for phase in ("writing the train split", "loading the trainer", "training an ALDM ControlNet for 2 steps",
+                  "validation at step 0", "validation at step 2", "sampling 2 validation layouts once per domain word",
+                  "domain words (2 layouts x 4 words)"):  # fmt: skip
+        assert phase in captured.err, phase
+    _check_annotated(out / "grid.png", rows=2, cols=3)
+    _check_annotated(out / "domains.png", rows=2, cols=1 + len(DOMAINS))
     assert summary["adversarial"] and summary["steps"] == 2
     for key in ("miou_before", "miou_after", "miou_domains"):
         assert 0.0 <= summary[key] <= 1.0
@@ -96,8 +141,10 @@ def test_plain_demo_is_deterministic(tmp_path):
 
 
 def test_demo_rejects_bad_settings(tmp_path, capsys):
-    assert demo_main(["--out", str(tmp_path / "x"), *SHORT, "--set", "optim.lrr=1"]) == 1
-    assert "optim.lrr" in capsys.readouterr().err
+    assert demo_main(["--out", str(tmp_path / "x"), *SHORT, "--set", "optim.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("l2i-demo: error:")]
+    assert len(errors) == 1 and "optim.lrr" in errors[0] and "Traceback" not in err
     with pytest.raises(SystemExit):
         demo_main(["--steps", "0"])
 
@@ -122,3 +169,48 @@ def test_comparison_table_reports_mean_and_spread():
     assert "| ALDM | 0.200 ± 0.000 | 0.600 ± 0.000 |" in table
     assert "seed 1: 0.500 / 0.490" in table
     assert "- plain: step 0 0.200, step 10 0.400" in table
+
+
+def test_prompt_template_brackets_the_phrase_that_differs():
+    prompts = [
+        "a town street on a sunny day with a car",
+        "a town street at night with a car",
+        "a town street in snow with a car",
+    ]
+    assert _prompt_template(prompts) == "a town street [on a sunny day | at night | in snow] with a car"
+    assert _prompt_template(["a street, in fog", "a street, at night"]) == "a street, [in fog | at night]"
+    assert _prompt_template(["same words"] * 3) == "same words"
+
+
+def _documented(steps: int = 10) -> dict:
+    runs = [_result(seed, True, miou).to_dict() for seed, miou in ((0, 0.62), (1, 0.55), (2, 0.56))]
+    return {"seeds": [0, 1, 2], "steps": steps, "runs": {"ALDM": runs, "plain": []}}
+
+
+def test_summary_says_which_figure_is_one_seed_and_which_the_mean():
+    demo = _result(0, True, 0.6)
+    demo.files = dict.fromkeys(("grid", "grid_before", "domains", "export", "summary"), "f")
+    note = _reference_note(demo, _documented())
+    assert note is not None
+    assert "one seed's figure" in note and "the documented seed-0 run gave 0.620" in note
+    assert "0.577 ± 0.038 is the mean ± standard deviation over seeds 0, 1, 2" in note
+    assert _reference_note(demo, _documented(steps=300)) is None  # other steps: not comparable
+    assert _reference_note(_result(0, False, 0.3), _documented()) is None  # no plain runs documented
+    assert _reference_note(demo, None) is None
+    lines = _summary(demo, _documented())
+    assert lines[0].startswith("ALDM ControlNet, seed 0: 10 steps") and lines[2] == note
+    assert "night - day -0.300" in lines[4] and "base model alone" not in lines[4]  # no base figure known
+
+
+def test_readme_quotes_the_documented_comparison_as_a_three_seed_mean():
+    """The README's status figure is the documented comparison's mean ± sd, and it says so."""
+    documented = documented_comparison()
+    assert documented is not None
+    values = np.array([r["miou_after"] for r in documented["runs"]["ALDM"]])
+    quoted = f"{values.mean():.3f} ± {values.std(ddof=1):.3f}"
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    status = readme[readme.index("## Status") :]
+    sentence = status[status.index(quoted) - 200 : status.index(quoted) + 400]
+    assert re.search(r"mean ± standard deviation over seeds 0, 1,\s+2", sentence), sentence
+    seed0 = next(r["miou_after"] for r in documented["runs"]["ALDM"] if r["seed"] == 0)
+    assert f"{seed0:.2f}" in sentence  # the single run a user gets with the default seed

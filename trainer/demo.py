@@ -9,7 +9,12 @@
 3. samples the validation layouts once per domain word (same layouts, wording and noise; only the word differs)
    and measures the images (`core.toy.image_stats`) and the evaluation segmenter's mIoU on them;
 4. writes ``grid.png`` (layout | sample | segmentation of the sample, after training), ``grid_before.png``,
-   ``domains.png``, ``summary.json`` and the exported adapter (``<out>/run/export``).
+   ``domains.png`` (each picture with column headers, prompts, a caption and a legend), ``summary.json`` and the
+   exported adapter (``<out>/run/export``).
+
+Every phase that takes more than a second or two says what it does before it starts (``logger.info`` on this
+module's logger, which ``l2i-demo`` always shows) and loops show a progress bar: writing the dataset, the data
+check, each validation, training and the domain-word sampling.
 
 `run_comparison` (``l2i-demo --compare``) trains a plain and an ALDM ControlNet with the same steps, data and
 seeds for several seeds and tabulates mIoU, the domain-word effect and the time per step.
@@ -25,6 +30,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,17 +38,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.files import atomic_path, atomic_write_text
 from ..core.logging import get_logger
 from ..core.metrics import MeanIoU
 from ..core.toy import DOMAINS, HELDOUT_START, image_stats, write_dataset
 from .toy_base import domain_prompts
 
 __all__ = [
+    "DOCUMENTED_COMPARISON",
     "VAL_START",
     "ComparisonResult",
     "DemoResult",
+    "base_domain_figures",
     "comparison_markdown",
     "demo_config",
+    "documented_comparison",
     "prepare_demo_data",
     "run_comparison",
     "run_demo",
@@ -54,6 +64,9 @@ logger = get_logger(__name__)
 VAL_START = HELDOUT_START
 
 _DATA_SEED = 0
+
+#: The ``l2i-demo --compare --seeds 0 1 2`` run the README and docs/TOY_WORLD.md quote (`documented_comparison`).
+DOCUMENTED_COMPARISON = Path(__file__).resolve().parents[1] / "docs" / "figures" / "toy_comparison.json"
 
 
 @dataclass
@@ -72,6 +85,8 @@ class DemoResult:
         miou_curve (`list`): ``[step, mIoU]`` of every validation (``validation.every`` sets the spacing).
         domain_stats (`dict`): per domain word, `ImageStats` of the samples after training.
         night_minus_day_brightness (`float`): the domain-word effect after training.
+        base_night_minus_day_brightness (`float`, *optional*): the same figure of the base model alone (no
+            ControlNet) as its training measured it (``weights/toy/acceptance.json``); None for another base.
         seconds_per_step (`float`): median wall time of a training step.
         train_seconds (`float`): wall time of the whole training run (steps, validations, export).
         seconds (`float`): wall time of the demo.
@@ -92,6 +107,7 @@ class DemoResult:
     train_seconds: float
     seconds: float
     files: dict[str, str] = field(default_factory=dict)
+    base_night_minus_day_brightness: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -107,10 +123,12 @@ def prepare_demo_data(root: str | os.PathLike, num_train: int, num_val: int, siz
         marker = folder / "l2i-demo.json"
         wanted = {"num": num, "start": start, "seed": _DATA_SEED, "size": size}
         if marker.is_file() and json.loads(marker.read_text()) == wanted:
+            logger.info("reusing the %s split in %s (%d scenes)", split, folder, num)
             continue
+        logger.info("writing the %s split: %d toy scenes of %dx%d to %s", split, num, size, size, folder)
         shutil.rmtree(folder, ignore_errors=True)
-        write_dataset(folder, num, seed=_DATA_SEED, size=size, start=start, preview_rows=0)
-        marker.write_text(json.dumps(wanted) + "\n")
+        write_dataset(folder, num, seed=_DATA_SEED, size=size, start=start, preview_rows=0, progress=True)
+        atomic_write_text(marker, json.dumps(wanted) + "\n")
     return root
 
 
@@ -144,8 +162,8 @@ def demo_config(
 
 
 @torch.no_grad()
-def _domain_samples(trainer, num: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Sample the validation layouts once per domain word; returns images per word and their figures."""
+def _domain_samples(trainer, num: int) -> tuple[dict[str, np.ndarray], dict[str, Any], dict[str, list[str]]]:
+    """Sample the validation layouts once per domain word; returns images per word, their figures and the prompts."""
     validator = trainer.validator
     labels = validator.labels[:num]
     size = int(labels.shape[-1])
@@ -157,13 +175,24 @@ def _domain_samples(trainer, num: int) -> tuple[dict[str, np.ndarray], dict[str,
     adapter = trainer.models.adapter
     was_training = adapter.training
     adapter.eval()
+    from tqdm.auto import tqdm
+
+    starts = range(0, len(labels), validator.config.batch_size)
+    bar = tqdm(
+        total=len(DOMAINS) * len(starts) * validator.config.num_steps,
+        desc=f"domain words ({len(labels)} layouts x {len(DOMAINS)} words)",
+        unit="step",
+        dynamic_ncols=True,
+    )
     try:
         for domain in DOMAINS:
             batches = []
-            for lo in range(0, len(labels), validator.config.batch_size):
+            for lo in starts:
                 hi = lo + validator.config.batch_size
                 batch_labels = labels[lo:hi].to(trainer.device)
-                out = validator.sample(batch_labels, prompts[domain][lo:hi], validator.seeds[lo:hi]).float()
+                out = validator.sample(
+                    batch_labels, prompts[domain][lo:hi], validator.seeds[lo:hi], on_step=lambda: bar.update(1)
+                ).float()
                 if validator.segmenter is not None:
                     logits = validator.segmenter(out * 2 - 1, size=batch_labels.shape[-2:])
                     metric.update(logits[:, :n].argmax(1), batch_labels)
@@ -172,14 +201,44 @@ def _domain_samples(trainer, num: int) -> tuple[dict[str, np.ndarray], dict[str,
             images[domain] = array
             figures[domain] = {k: round(v, 4) for k, v in image_stats(array).as_dict().items()}
     finally:
+        bar.close()
         adapter.train(was_training)
     figures["miou"] = metric.compute().miou if validator.segmenter is not None else float("nan")
-    return images, figures
+    return images, figures, prompts
 
 
-def _domain_grid(labels: np.ndarray, images: dict[str, np.ndarray], label_set, pad: int = 2) -> np.ndarray:
-    """Rows: validation layouts; columns: the layout, then one sample per domain word."""
-    from ..core.labels import colorize
+def _prompt_template(prompts: Sequence[str]) -> str:
+    """One text for prompts that differ only in a phrase: the shared words with the phrases in brackets.
+
+    ``["a street on a sunny day with a car", "a street at night with a car"]`` gives
+    ``"a street [on a sunny day | at night] with a car"``.
+    """
+    words = [p.split() for p in prompts]
+    if all(w == words[0] for w in words):
+        return " ".join(words[0])
+    shortest = min(len(w) for w in words)
+    head = 0
+    while head < shortest and all(w[head] == words[0][head] for w in words):
+        head += 1
+    tail = 0
+    while tail < shortest - head and all(w[-1 - tail] == words[0][-1 - tail] for w in words):
+        tail += 1
+    middles = [" ".join(w[head : len(w) - tail]) or "-" for w in words]
+    return " ".join([*words[0][:head], "[" + " | ".join(middles) + "]", *words[0][len(words[0]) - tail :]])
+
+
+def _domain_grid(
+    labels: np.ndarray,
+    images: dict[str, np.ndarray],
+    label_set,
+    prompts: dict[str, list[str]],
+    steps: int,
+    pad: int = 2,
+) -> np.ndarray:
+    """Rows: validation layouts; columns: the layout, then one sample per domain word; with headers, each row's
+    prompts (one template with the domain phrases in brackets), a caption and a legend (ignore id included)."""
+    from ..core.labels import colorize, legend_image
+    from ..core.labels.preview import annotate_grid
 
     rows, (h, w) = len(labels), labels.shape[-2:]
     cols = 1 + len(images)
@@ -189,13 +248,50 @@ def _domain_grid(labels: np.ndarray, images: dict[str, np.ndarray], label_set, p
         for c, tile in enumerate(tiles):
             y, x = pad + r * (h + pad), pad + c * (w + pad)
             grid[y : y + h, x : x + w] = tile
-    return grid
+    ignore = label_set.ignore_index
+    legend = legend_image(
+        label_set, sorted(int(v) for v in np.unique(labels) if v != ignore), ignore=bool((labels == ignore).any())
+    )
+    texts = [_prompt_template([prompts[d][r] for d in images]) for r in range(rows)]
+    caption = (
+        f"Domain words after {steps} training steps: each row is one validation layout sampled once per domain word "
+        "with the same noise; the prompts differ only in the phrase in brackets (left to right: "
+        + ", ".join(images)
+        + ")."
+    )
+    return annotate_grid(
+        grid, ["layout", *images], tile_width=w, tile_height=h, pad=pad, row_texts=texts, legend=legend,
+        caption=caption,
+    ).image  # fmt: skip
 
 
 def _save_png(path: Path, array: np.ndarray) -> None:
     from PIL import Image
 
-    Image.fromarray(array).save(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+
+
+def base_domain_figures(base: str) -> dict[str, Any] | None:
+    """The domain-word figures the shipped toy base measured on itself when it was trained (``acceptance.json``:
+    ``night_minus_day_brightness`` and per-word ``ImageStats``); None for another base or when the file is absent."""
+    if base != "builtin:toy":
+        return None
+    from .models import TOY_WEIGHTS_DIR
+
+    path = TOY_WEIGHTS_DIR / "acceptance.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))["figures"]["text_to_image"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def documented_comparison(path: str | os.PathLike = DOCUMENTED_COMPARISON) -> dict[str, Any] | None:
+    """The documented plain-vs-ALDM comparison (`ComparisonResult.to_dict`), or None when it is not installed."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 def run_demo(
@@ -227,8 +323,6 @@ def run_demo(
     Returns:
         `DemoResult` (also written to ``out/summary.json``).
     """
-    from .loop import Trainer
-
     start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -237,6 +331,10 @@ def run_demo(
         torch.set_num_threads(int(threads))
     try:
         data = prepare_demo_data(data_root or out / "data", num_train, num_val)
+        # Importing diffusers, transformers, peft and accelerate takes 10-20 s on a busy 2-core CPU.
+        logger.info("loading the trainer and the base model (%s)", base)
+        from .loop import Trainer
+
         run_dir = out / "run"
         shutil.rmtree(run_dir, ignore_errors=True)  # a demo starts fresh (l2i-train --resume is for long runs)
         config = demo_config(
@@ -250,13 +348,20 @@ def run_demo(
             overrides=overrides,
         )
         trainer = Trainer(config)
+        logger.info(
+            "training a%s ControlNet for %d steps (validation before the first step and after the last) into %s",
+            "n ALDM" if adversarial else " plain",
+            config.train.steps,
+            run_dir,
+        )
         t = time.perf_counter()
         result = trainer.run()
         train_seconds = time.perf_counter() - t
         before, after = result.validations[0], result.validations[-1]
         # 8 layouts x 4 words: enough for the brightness figures, and a fifth of the demo's time at 16.
         num_domain = min(num_val, 8)
-        images, figures = _domain_samples(trainer, num_domain)
+        logger.info("sampling %d validation layouts once per domain word (%s)", num_domain, ", ".join(DOMAINS))
+        images, figures, prompts = _domain_samples(trainer, num_domain)
         label_set = trainer.models.label_set
         files = {
             "grid": out / "grid.png",
@@ -268,8 +373,12 @@ def run_demo(
         }
         _save_png(files["grid"], after.grid)
         _save_png(files["grid_before"], before.grid)
-        _save_png(files["domains"], _domain_grid(trainer.validator.labels[:num_domain].numpy(), images, label_set))
+        domain_grid = _domain_grid(
+            trainer.validator.labels[:num_domain].numpy(), images, label_set, prompts, result.steps_done
+        )
+        _save_png(files["domains"], domain_grid)
         step_times = [h.seconds for h in result.history]
+        base_figures = base_domain_figures(base) or {}
         demo = DemoResult(
             out=out,
             adversarial=adversarial,
@@ -285,8 +394,9 @@ def run_demo(
             train_seconds=round(train_seconds, 1),
             seconds=round(time.perf_counter() - start, 1),
             files={k: str(v) for k, v in files.items()},
+            base_night_minus_day_brightness=base_figures.get("night_minus_day_brightness"),
         )
-        files["summary"].write_text(json.dumps(demo.to_dict(), indent=2) + "\n")
+        atomic_write_text(files["summary"], json.dumps(demo.to_dict(), indent=2) + "\n")
         return demo
     finally:
         torch.set_num_threads(previous)
@@ -387,6 +497,6 @@ def run_comparison(
                 )
             )
     comparison = ComparisonResult(runs, list(seeds), runs["plain"][0].steps)
-    (out / "comparison.json").write_text(json.dumps(comparison.to_dict(), indent=2) + "\n")
-    (out / "comparison.md").write_text(comparison_markdown(comparison))
+    atomic_write_text(out / "comparison.json", json.dumps(comparison.to_dict(), indent=2) + "\n")
+    atomic_write_text(out / "comparison.md", comparison_markdown(comparison))
     return comparison

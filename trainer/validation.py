@@ -4,8 +4,9 @@ Every run validates on the same label maps (the first ``validation.num_images`` 
 ``validation.indices``), with their captions as prompts and seed ``seed + 177 · i`` for image ``i`` (ALDM's scheme),
 so grids of different steps compare. Each validation writes ``<output>/validation/step_XXXXXX/``:
 
-- ``grid.png``: one row per label map, ``layout | sample | segmenter prediction`` (the last column only with an
-  evaluation segmenter), plus a legend of the classes present;
+- ``grid.png``: one row per label map, ``layout | sample | segmentation of the sample`` (the last column only with
+  an evaluation segmenter), with column headers, each row's prompt, a caption (step, sampler settings) and a legend
+  of every colour drawn (the ignore id's included);
 - ``metrics.json``: mIoU, pixel accuracy and per-class IoU of the evaluation segmenter on the samples, the prompts
   and seeds.
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 from ..core.labels import colorize, legend_image
+from ..core.labels.preview import annotate_grid
 from ..core.logging import get_logger
 from ..core.metrics import MeanIoU
 from ..core.sampling import ControlInput, decode_to_images, encode_prompts, sample_latents
@@ -97,9 +99,10 @@ class Validator:
         return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
     @torch.no_grad()
-    def sample(self, labels: torch.Tensor, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+    def sample(self, labels: torch.Tensor, prompts: list[str], seeds: list[int], on_step=None) -> torch.Tensor:
         """Images `(B, 3, H, W)` in [0, 1] for `labels` `(B, H, W)` int64 on the device, one prompt and noise seed
-        each, with the validation settings (DDIM steps, guidance, negative prompt)."""
+        each, with the validation settings (DDIM steps, guidance, negative prompt); ``on_step()`` (optional) is called
+        after each DDIM step."""
         m, cfg = self.models, self.config
         bundle = m.bundle
         from diffusers import DDIMScheduler
@@ -114,7 +117,7 @@ class Validator:
         noise = self._noise(seeds, (bundle.unet.config.in_channels, *latent_size)).to(self.device, text.dtype)
         noise = noise * scheduler.init_noise_sigma
         layout = self._layout(labels)
-        common = dict(num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, latents=noise)
+        common = dict(num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, latents=noise, on_step=on_step)
         if m.mode == "controlnet":
             control = ControlInput(m.adapter, layout)
             latents = sample_latents(
@@ -153,6 +156,8 @@ class Validator:
         """
         import contextlib
 
+        from tqdm.auto import tqdm
+
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         m, n = self.models, self.models.label_set.num_classes
@@ -162,12 +167,22 @@ class Validator:
             mod.eval()
         metric = MeanIoU(n, m.label_set.ignore_index)
         images, preds = [], []
+        batches = range(0, len(self.prompts), self.config.batch_size)
+        # Sampling takes seconds per image on a CPU: a bar over every DDIM step of every batch.
+        bar = tqdm(
+            total=len(batches) * self.config.num_steps,
+            desc=f"validation at step {step} ({len(self.prompts)} samples)",
+            unit="step",
+            dynamic_ncols=True,
+        )
         try:
-            for start in range(0, len(self.prompts), self.config.batch_size):
+            for start in batches:
                 end = start + self.config.batch_size
                 labels = self.labels[start:end].to(self.device)
                 with autocast() if autocast is not None else contextlib.nullcontext():
-                    batch = self.sample(labels, self.prompts[start:end], self.seeds[start:end]).float()
+                    batch = self.sample(
+                        labels, self.prompts[start:end], self.seeds[start:end], on_step=lambda: bar.update(1)
+                    ).float()
                     if self.segmenter is not None:
                         with torch.no_grad():
                             logits = self.segmenter(batch * 2 - 1, size=labels.shape[-2:])
@@ -176,11 +191,12 @@ class Validator:
                         preds.append(pred.cpu())
                 images.append(batch.cpu())
         finally:
+            bar.close()
             for mod, flag in zip(modules, was_training):
                 mod.train(flag)
         samples = (torch.cat(images).permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
         pred_maps = torch.cat(preds).numpy() if preds else None
-        grid = self._grid(samples, pred_maps)
+        grid = self._grid(samples, pred_maps, step)
         from PIL import Image
 
         Image.fromarray(grid).save(folder / "grid.png")
@@ -204,29 +220,39 @@ class Validator:
         )
         return ValidationResult(folder, miou, acc, grid)
 
-    def _grid(self, samples: np.ndarray, preds: np.ndarray | None) -> np.ndarray:
-        ls = self.models.label_set
+    def _grid(self, samples: np.ndarray, preds: np.ndarray | None, step: int) -> np.ndarray:
+        """The annotated grid: `(H, W, 3)` uint8 (see the module docstring)."""
+        ls, cfg = self.models.label_set, self.config
         labels = self.labels.numpy()
         h, w = labels.shape[-2:]
         cols = 2 + (preds is not None)
         grid = np.full((len(labels) * (h + _PAD) + _PAD, cols * (w + _PAD) + _PAD, 3), 255, dtype=np.uint8)
-        present = set()
         for r, ids in enumerate(labels):
             y = _PAD + r * (h + _PAD)
             row = [colorize(ids, ls), samples[r]] + ([colorize(preds[r], ls)] if preds is not None else [])
             for c, tile in enumerate(row):
                 x = _PAD + c * (w + _PAD)
                 grid[y : y + h, x : x + w] = tile
-            present.update(int(v) for v in np.unique(ids) if v != ls.ignore_index)
-        legend = legend_image(ls, sorted(present))
-        out = np.full((max(grid.shape[0], legend.shape[0]), grid.shape[1] + legend.shape[1], 3), 255, dtype=np.uint8)
-        out[: grid.shape[0], : grid.shape[1]] = grid
-        out[: legend.shape[0], grid.shape[1] :] = legend
-        return out
+        # Every colour drawn gets a legend row: the classes of the layouts and of the segmentations, and the ignore
+        # id (pixels no class is asked for, e.g. the toy world's street lamps) when a layout has any.
+        shown = np.unique(labels) if preds is None else np.union1d(np.unique(labels), np.unique(preds))
+        present = sorted(int(v) for v in shown if v != ls.ignore_index)
+        legend = legend_image(ls, present, ignore=bool((labels == ls.ignore_index).any()))
+        titles = ["layout", "sample"] + (["segmentation of the sample"] if preds is not None else [])
+        caption = (
+            f"Validation at step {step}: one validation layout per row, sampled with the prompt shown at its right "
+            f"({cfg.num_steps} DDIM steps, guidance {cfg.guidance_scale:g}, noise seed {cfg.seed} + "
+            f"{_SEED_STRIDE} x row)."
+        )
+        if preds is not None:
+            caption += " Segmentation: the evaluation segmenter's reading of the sample, scored against the layout."
+        return annotate_grid(
+            grid, titles, tile_width=w, tile_height=h, pad=_PAD, row_texts=self.prompts, legend=legend, caption=caption
+        ).image
 
 
 @torch.no_grad()
-def _sample_t2i(unet, scheduler, adapter, hint, text, negative, *, num_steps, guidance_scale, latents):
+def _sample_t2i(unet, scheduler, adapter, hint, text, negative, *, num_steps, guidance_scale, latents, on_step=None):
     """DDIM with a T2I-Adapter (``core.sampling`` covers ControlNet and SPADE); the layout feeds both CFG branches."""
     features = adapter(hint.to(latents.dtype))
     scheduler.set_timesteps(num_steps, device=latents.device)
@@ -244,4 +270,6 @@ def _sample_t2i(unet, scheduler, adapter, hint, text, negative, *, num_steps, gu
             uncond, cond = eps.chunk(2)
             eps = uncond + guidance_scale * (cond - uncond)
         latents = scheduler.step(eps, t, latents).prev_sample
+        if on_step is not None:
+            on_step()
     return latents

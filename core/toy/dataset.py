@@ -203,6 +203,7 @@ def write_dataset(
     preview_rows: int = 8,
     overwrite: bool = False,
     start: int = 0,
+    progress: bool = False,
 ) -> ToyDatasetSummary:
     """Generate `num` toy samples into a dataset folder (layout in the module docstring).
 
@@ -217,6 +218,7 @@ def write_dataset(
             ``toy_*.png`` files are deleted first); without it, an existing dataset is an error.
         start (`int`, optional, defaults to 0): index of the first sample; sample ``i`` depends on ``(seed, i)``
             only, so disjoint index ranges of one seed are disjoint splits.
+        progress (`bool`, optional, defaults to False): show a progress bar (stderr).
 
     Returns:
         `ToyDatasetSummary`.
@@ -253,7 +255,10 @@ def write_dataset(
     domain_counts = dict.fromkeys(domains, 0)
     shown: list[ToySample] = []
     with open(captions_path, "w", encoding="utf-8") as captions:
-        for sample in iter_samples(num, seed, (h, w), domains, start=start):
+        from tqdm.auto import tqdm
+
+        samples = iter_samples(num, seed, (h, w), domains, start=start)
+        for sample in tqdm(samples, total=num, desc=f"writing {root}", unit="scene", disable=not progress):
             _save_rgb(images_dir / f"{sample.stem}.png", sample.image)
             save_label_map(labels_dir / f"{sample.stem}.png", sample.labels, label_set)
             record = {"file": f"{sample.stem}.png", "caption": sample.caption, "domain": sample.domain}
