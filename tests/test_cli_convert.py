@@ -127,6 +127,36 @@ def test_bad_files_exit_1_with_a_message(files, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("to", ["peft", "kohya"])
+def test_lora_with_nan_or_inf_is_refused_in_one_line_and_nothing_is_written(tmp_path, capsys, to):
+    """A kohya LoRA (SD 1.5 module names) whose matrices hold NaN and inf: one line naming the count and the
+    tensors, a non-zero exit, no output file (also for kohya -> kohya, where the input would be copied as is)."""
+    from layout2image.weights import kohya_module_name
+
+    g = torch.Generator().manual_seed(0)
+    lora, names = {}, []
+    for proj in ("to_q", "to_k"):
+        name = kohya_module_name(f"down_blocks.0.attentions.0.transformer_blocks.0.attn1.{proj}")
+        names.append(name)
+        lora[f"{name}.lora_down.weight"] = torch.randn(4, 320, generator=g)
+        lora[f"{name}.lora_up.weight"] = torch.randn(320, 4, generator=g)
+        lora[f"{name}.alpha"] = torch.tensor(4.0)
+    lora[f"{names[0]}.lora_down.weight"][1, :5] = float("nan")
+    lora[f"{names[1]}.lora_up.weight"][0, 0] = float("inf")
+    source = tmp_path / "diverged.safetensors"
+    save_file(lora, str(source))
+    output = tmp_path / "out" / "converted.safetensors"
+    status = main(["lora", "--to", to, str(source), str(output)])
+    err = capsys.readouterr().err
+    assert status != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("l2i-convert: error: 2 LoRA tensor(s) hold NaN or infinite values: ")
+    assert f"{names[0]}.lora_down.weight (5 NaN of 1280 values)" in lines[0]
+    assert f"{names[1]}.lora_up.weight (1 inf of 1280 values)" in lines[0]
+    assert not output.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["diverged.safetensors"]
+
+
 def test_bad_arguments_exit_2(files, tmp_path):
     for argv in (
         [],

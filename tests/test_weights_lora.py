@@ -473,6 +473,84 @@ def test_broken_pairs_and_shapes_are_errors(trained):
     assert {c.a1111 for c in check_lora_state_dict(norm, config).checks} == {"error"}  # LoRA on a GroupNorm
 
 
+def _poisoned(state_dict: dict, keys: list[str]) -> dict:
+    """A copy of ``state_dict`` with two NaN values in ``keys[0]`` and one inf in each other key."""
+    out = dict(state_dict)
+    for i, key in enumerate(keys):
+        t = out[key].clone()
+        t.view(-1)[: 2 if i == 0 else 1] = float("nan") if i == 0 else float("inf") * (-1) ** i
+        out[key] = t
+    return out
+
+
+def _listed(message: str) -> dict[str, str]:
+    """``key -> "n NaN" / "n inf"`` for every entry a non-finite error lists."""
+    return {m[0]: m[1] for m in re.findall(r"([\w.]+) \((\d+ (?:NaN|inf)) of \d+ values\)", message)}
+
+
+def test_nan_or_inf_lora_tensors_are_refused_by_name(trained):
+    """A NaN or inf in any LoRA matrix: one error with the count and the first three keys (with what they hold),
+    whatever the direction; the input is left as it was."""
+    config, alphas = trained["unet"].config, trained["alphas"]
+    peft = trained["peft"]
+    keys = [k for k in peft if k.endswith("lora_B.weight")][:2] + [k for k in peft if k.endswith("lora_A.weight")][-2:]
+    bad = _poisoned(peft, keys)
+    before = {k: v.clone() for k, v in bad.items()}
+    for to in LORA_FORMATS:
+        with pytest.raises(LoraFormatError) as err:
+            convert_lora_state_dict(bad, to, unet_config=config, alpha=alphas)
+        message = str(err.value)
+        assert message.startswith("4 LoRA tensor(s) hold NaN or infinite values: ") and "(4 in all)" in message
+        assert "\n" not in message and "not converted" in message
+        listed = _listed(message)
+        assert len(listed) == 3 and set(listed) <= set(keys)
+        assert listed.get(keys[0], "2 NaN") == "2 NaN" and all(v == "1 inf" for k, v in listed.items() if k != keys[0])
+    assert all(torch.equal(bad[k].nan_to_num(), v.nan_to_num()) for k, v in before.items())  # input untouched
+    # a kohya input too (the file l2i-convert reads), named by its own keys
+    kohya = convert_lora_state_dict(peft, "kohya", unet_config=config, alpha=alphas).state_dict
+    down = next(k for k in kohya if k.endswith(".lora_down.weight"))
+    with pytest.raises(LoraFormatError, match=rf"^1 LoRA tensor\(s\) hold NaN or infinite values: {re.escape(down)} "):
+        convert_lora_state_dict(_poisoned(kohya, [down]), "peft", unet_config=config)
+
+
+def test_a_cast_that_overflows_is_refused_and_writes_nothing(trained, tmp_path):
+    config, alphas = trained["unet"].config, trained["alphas"]
+    key = next(iter(trained["peft"]))
+    big = dict(trained["peft"])
+    big[key] = big[key].clone()
+    big[key].view(-1)[0] = 1e6  # finite in float32, inf in float16
+    path = tmp_path / "half.safetensors"
+    with pytest.raises(LoraFormatError, match=r"after the cast to torch.float16 \(values beyond its range\)"):
+        save_lora_file(path, big, "kohya", unet_config=config, alpha=alphas, dtype=torch.float16)
+    assert list(tmp_path.iterdir()) == []
+    save_lora_file(path, big, "kohya", unet_config=config, alpha=alphas)  # float32 holds it
+    assert load_lora_file(path).format == "kohya"
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX file modes")
+def test_lora_files_get_the_umask_mode(trained, tmp_path):
+    """Written atomically with ``0o666 & ~umask`` (safetensors' own writer left 0o600: issue 15, A6)."""
+    previous = os.umask(0o027)
+    try:
+        save_lora_file(tmp_path / "sub" / "k.safetensors", trained["peft"], "kohya",
+                       unet_config=trained["unet"].config, alpha=trained["alphas"])  # fmt: skip
+    finally:
+        os.umask(previous)
+    written = tmp_path / "sub" / "k.safetensors"
+    assert oct(written.stat().st_mode & 0o777) == oct(0o640)
+    assert [p.name for p in written.parent.iterdir()] == ["k.safetensors"]  # no temporary file left
+
+
+def test_split_modules_are_reexported_from_weights_lora():
+    """`weights.lora` re-exports the public names of the naming and conversion modules (the import path users and
+    the rest of the pack use)."""
+    from layout2image.weights import lora, lora_convert, lora_naming
+
+    for module in (lora_naming, lora_convert):
+        for name in module.__all__:
+            assert name in lora.__all__ and getattr(lora, name) is getattr(module, name), (module.__name__, name)
+
+
 def _meta_peft_lora(config: dict, targets: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
     """A PEFT LoRA (meta tensors, rank RANK) on every Linear/conv module of the layout, or on the ``targets``
     suffixes in the down/mid/up blocks, for a UNet built on the meta device."""

@@ -120,7 +120,7 @@ _X_PROJ = re.compile(r"(.*)_([qkv]_proj)$")
 
 # ---------------------------------------------------------------------------------------------------- configs
 def _config(unet_config: Any) -> dict[str, Any]:
-    from .lora import _config_dict
+    from .lora_naming import _config_dict
 
     return _config_dict(unet_config)
 
