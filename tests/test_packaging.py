@@ -130,3 +130,52 @@ def test_console_scripts_resolve_to_callables():
         module_name, func = target.split(":")
         module = importlib.import_module(module_name)
         assert callable(getattr(module, func)), name
+
+
+# What a registry would publish as-is but is no real value: reserved example domains (RFC 2606/6761), empty strings,
+# to-do markers and template brackets.
+_PLACEHOLDER = re.compile(
+    r"(^\s*$)|example\.(invalid|com|org|net)|\.invalid\b|\.example\b|\blocalhost\b|\bTODO\b|\bFIXME\b|\bTBD\b"
+    r"|placeholder|your[-_ ]?(name|user|repo|id)|<[^<>]+>",
+    re.IGNORECASE,
+)
+
+
+def _placeholders(value, where: str) -> list[str]:
+    """Every string under ``value`` (tables and arrays walked) that looks like a placeholder, as ``where: value``."""
+    if isinstance(value, dict):
+        return [p for key, item in value.items() for p in _placeholders(item, f"{where}.{key}")]
+    if isinstance(value, list):
+        return [p for k, item in enumerate(value) for p in _placeholders(item, f"{where}[{k}]")]
+    if isinstance(value, str) and _PLACEHOLDER.search(value):
+        return [f"{where}: {value!r}"]
+    return []
+
+
+def test_placeholder_check_catches_what_was_shipped_before():
+    shipped = tomllib.loads(
+        '[project.urls]\nRepository = "https://example.invalid/layout2image"\n'
+        '[tool.comfy]\nPublisherId = "layout2image"\nDisplayName = "layout2image"\nIcon = ""\n'
+    )
+    assert _placeholders(shipped, "pyproject") == [
+        "pyproject.project.urls.Repository: 'https://example.invalid/layout2image'",
+        "pyproject.tool.comfy.Icon: ''",
+    ]
+    assert _placeholders({"a": ["TODO: fill in", "<your repo>", "ok"]}, "x") == [
+        "x.a[0]: 'TODO: fill in'",
+        "x.a[1]: '<your repo>'",
+    ]
+
+
+def test_published_metadata_has_no_placeholders():
+    """[project] and [tool.comfy] are what PyPI and the ComfyUI registry publish: every value there is real."""
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    published = {"project": data["project"], "tool.comfy": data["tool"]["comfy"]}
+    assert _placeholders(published, "pyproject") == []
+    urls = data["project"].get("urls", {})
+    assert all(re.match(r"https://[a-z0-9.-]+\.[a-z]{2,}/", u) for u in urls.values()), urls
+    comfy = data["tool"]["comfy"]
+    # The registry's optional fields, when present, hold values of their kind.
+    if "Icon" in comfy:
+        assert re.match(r"https://\S+\.(svg|png|jpe?g|gif)$", comfy["Icon"], re.IGNORECASE), comfy["Icon"]
+    assert comfy["DisplayName"].strip() and comfy["requires-comfyui"].startswith(">=")
