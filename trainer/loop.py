@@ -580,7 +580,7 @@ class Trainer:
                     saved = self.save_checkpoint()
                     self.accelerator.end_training()
                     raise SampleReadError(
-                        f"{e}. Training stopped; checkpoint {saved} holds the {self.step} step(s) done: fix the file, "
+                        f"{str(e).rstrip('. ')}. Training stopped; checkpoint {saved} holds the {self.step} step(s) done: fix the file, "
                         "then continue with --resume latest"
                     ) from None
                 outcome.seconds = time.perf_counter() - started

@@ -218,13 +218,14 @@ def check_dataset(
             _write_cache(cache_path, fingerprint, (passed & current) | good)
     seconds = time.perf_counter() - started
     if failures:
-        listed = [_naming(dataset, i, msg) for i, msg in failures[:MAX_LISTED]]
-        more = f"\n  ... and {len(failures) - MAX_LISTED} more" if len(failures) > MAX_LISTED else ""
+        # One entry per line, each ended so the message still reads well joined into one line by a CLI.
+        listed = [_naming(dataset, i, msg).rstrip(". ") for i, msg in failures[:MAX_LISTED]]
+        more = f";\n  ... and {len(failures) - MAX_LISTED} more" if len(failures) > MAX_LISTED else ""
         raise DatasetError(
             f"data check: {len(failures)} of {n} {what} sample(s) cannot be used:\n  "
-            + "\n  ".join(listed)
+            + ";\n  ".join(listed)
             + more
-            + "\nFix or remove these files, then run again (samples that passed are not read again)."
+            + ".\nFix or remove these files, then run again (samples that passed are not read again)."
         )
     logger.info(
         "data check: %d %s samples usable (%d read, %d unchanged since the last check) in %.1f s",
