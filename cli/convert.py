@@ -31,7 +31,7 @@ the official code use) and our ``.safetensors`` with metadata, in the direction 
 (ADE20K 151, CelebAMask-HQ 20, COCO-Stuff 184, Cityscapes 36).
 
 Exit codes: 0 success, 1 the input is unreadable, unsafe or of an unknown format (the message says which and
-lists the known formats), 2 bad arguments.
+lists the known formats), 2 bad arguments or another bad input (e.g. an output that cannot be written).
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from ._args import run_reporting_errors
 
 # torch, diffusers and the weights package are imported when a command runs, so `--help` answers at once.
 # Equal to layout2image.weights._TARGETS (checked by the tests).
@@ -259,11 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     from ..core.errors import LabelSetError
     from ..weights import WeightsError
 
-    try:
-        return args.func(args)
-    except (WeightsError, LabelSetError) as e:
-        print(f"l2i-convert: error: {e}", file=sys.stderr)
-        return 1
+    def command() -> int:
+        try:
+            return args.func(args)
+        except (WeightsError, LabelSetError) as e:  # the input file is unreadable, unsafe or unknown: exit 1
+            print(f"l2i-convert: error: {e}", file=sys.stderr)
+            return 1
+
+    # any other bad input (an unwritable output, a missing --unet-config, ...): one line, exit 2
+    return run_reporting_errors("l2i-convert", command)
 
 
 if __name__ == "__main__":

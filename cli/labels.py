@@ -8,23 +8,28 @@ Examples::
     l2i-labels convert painted.png ids.png --labels ade20k --tolerance 20
     l2i-labels convert ids.png colours.png --labels ade20k --to colors
     l2i-labels preview ids.png preview.png --labels ade20k --image photo.jpg
-    l2i-labels resize ids.png small.png --labels ade20k --size 64x128
+    l2i-labels resize ids.png small.png --labels ade20k --size 64x128   # HxW: 64 rows high, 128 columns wide
 
-Exit codes: 0 success, 1 the map or label set is invalid (the message says what and where), 2 bad arguments.
+Exit codes: 0 success, 1 the map or label set is invalid (the message says what and where), 2 bad arguments or
+another unreadable input.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from ..core.errors import LabelMapError, LabelSetError
+from ..core.files import atomic_path
+from ..core.image_files import check_pixel_count, open_image
 from ..core.labels import (
     BUILTIN_LABEL_SETS,
     colorize,
+    get_label_set,
     legend_image,
     load_label_set,
     preview_grid,
@@ -32,13 +37,50 @@ from ..core.labels import (
     resize_nearest,
     save_label_map,
 )
+from ._args import run_reporting_errors
+
+PROG = "l2i-labels"
+# What --help shows above the commands, and below them (the module docstring is written for Sphinx).
+DESCRIPTION = "Inspect label sets; check, convert, preview and resize label maps."
+EPILOG = """examples:
+  l2i-labels list
+  l2i-labels show cityscapes --legend legend.png
+  l2i-labels check berlin_000000_000019_gtFine_labelIds.png --labels cityscapes --remap
+  l2i-labels convert painted.png ids.png --labels ade20k --tolerance 20
+  l2i-labels convert ids.png colours.png --labels ade20k --to colors
+  l2i-labels preview ids.png preview.png --labels ade20k --image photo.jpg
+  l2i-labels resize ids.png small.png --labels ade20k --size 64x128   (HxW: 64 rows high, 128 columns wide)
+
+--labels takes a built-in name (see "list"; a folder of that name does not hide it) or a YAML/JSON file.
+Exit codes: 0 success, 1 the map or label set is invalid, 2 bad arguments or another unreadable input."""
 
 
 def _save_rgb(path: Path, rgb: np.ndarray) -> None:
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgb).save(path)
+    image_format = Image.registered_extensions().get(path.suffix.lower())  # the temporary name has no extension
+    if image_format is None:
+        raise ValueError(f"cannot write {str(path)!r}: unknown image extension {path.suffix!r}; use .png")
+    with atomic_path(path) as tmp:
+        Image.fromarray(rgb).save(tmp, format=image_format)
+
+
+def size_hw(text: str) -> tuple[int, int]:
+    """argparse type of ``--size``: ``HxW`` (rows x columns, e.g. ``64x128`` is 64 high and 128 wide)."""
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        h, w = (int(v) for v in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not HxW (height x width in pixels), e.g. 64x128 for 64 rows and 128 columns"
+        ) from None
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: height and width must be at least 1 pixel (HxW, e.g. 64x128)")
+    try:
+        check_pixel_count(h, w, f"--size {text}")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return h, w
 
 
 def _read(args) -> tuple:
@@ -66,7 +108,7 @@ def _histogram(ids: np.ndarray, label_set) -> list[str]:
 
 def cmd_list(args) -> int:
     for name in BUILTIN_LABEL_SETS:
-        ls = load_label_set(name)
+        ls = get_label_set(name)
         extra = []
         if ls.remap is not None:
             extra.append(f"remap from {len(ls.remap)} raw ids")
@@ -121,7 +163,8 @@ def cmd_preview(args) -> int:
     if args.image:
         from PIL import Image
 
-        img = Image.open(args.image).convert("RGB")
+        with open_image(args.image, f"--image {args.image!r}") as opened:  # the pixel limit, before decoding
+            img = opened.convert("RGB")
         h, w = result.ids.shape
         if img.size != (w, h):
             img = img.resize((w, h), Image.BICUBIC)
@@ -133,17 +176,16 @@ def cmd_preview(args) -> int:
 
 def cmd_resize(args) -> int:
     label_set, result = _read(args)
-    try:
-        h, w = (int(v) for v in args.size.lower().split("x"))
-    except ValueError:
-        raise SystemExit(f"l2i-labels: --size {args.size!r} must look like HxW, e.g. 64x128") from None
+    h, w = args.size
     save_label_map(Path(args.output), resize_nearest(result.ids, (h, w)), label_set)
-    print(f"wrote {args.output} ({h}x{w}, nearest)")
+    print(f"wrote {args.output} ({h}x{w} HxW: {h} rows high, {w} columns wide; nearest)")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="l2i-labels", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the built-in label sets").set_defaults(func=cmd_list)
     show = sub.add_parser("show", help="print a label set's classes and colours")
@@ -174,18 +216,30 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "preview":
             p.add_argument("--image", help="an image to show beside the map")
         if name == "resize":
-            p.add_argument("--size", required=True, help="HxW, e.g. 64x128")
+            p.add_argument(
+                "--size",
+                required=True,
+                type=size_hw,
+                metavar="HxW",
+                help="output size as HEIGHTxWIDTH in pixels (rows x columns): 64x128 is 64 high and 128 wide",
+            )
         p.set_defaults(func=func)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``l2i-labels``; returns the exit code (argparse exits with 2 on bad arguments)."""
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (LabelMapError, LabelSetError) as e:
-        print(f"l2i-labels: error: {e}", file=sys.stderr)
-        return 1
+    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
+
+    def command() -> int:
+        try:
+            return args.func(args)
+        except (LabelMapError, LabelSetError) as e:  # the map or label set is invalid: exit 1, as documented
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+            return 1
+
+    return run_reporting_errors(PROG, command)
 
 
 if __name__ == "__main__":

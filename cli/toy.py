@@ -13,7 +13,7 @@ import sys
 import time
 
 from ..core.toy import DOMAINS, check_domains, write_dataset
-from ._args import non_negative_int, positive_int
+from ._args import non_negative_int, positive_int, run_reporting_errors
 
 
 def _size(text: str) -> int:
@@ -66,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return run_reporting_errors("l2i-toy", lambda: _run(parser, args))
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         summary = write_dataset(

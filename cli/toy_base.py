@@ -17,7 +17,7 @@ import os
 import shlex
 import sys
 
-from ._args import add_set_option, non_negative_int, positive_float
+from ._args import add_set_option, non_negative_int, positive_float, run_reporting_errors
 
 __all__ = ["build_parser", "main", "summary_lines"]
 
@@ -87,16 +87,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     argv = sys.argv[1:] if argv is None else list(argv)
     command = shlex.join(["l2i-train", "--preset", "toy-base", *argv]).replace(" --out ", " --output ", 1)
-    report = train_toy_base(
-        args.out,
-        config,
-        threads=args.threads or None,
-        command=command,
-    )
-    for line in summary_lines(report.figures, report.seconds, args.out):
-        print(line)
-    print(f"  all figures: {json.dumps(str(report.out_dir / 'acceptance.json'))}")
-    return 0
+
+    def run() -> int:
+        report = train_toy_base(args.out, config, threads=args.threads or None, command=command)
+        for line in summary_lines(report.figures, report.seconds, args.out):
+            print(line)
+        print(f"  all figures: {json.dumps(str(report.out_dir / 'acceptance.json'))}")
+        return 0
+
+    # an unwritable --out, a dataset or label map error: one line naming it, exit 2
+    return run_reporting_errors("l2i-train --preset toy-base", run)
 
 
 if __name__ == "__main__":  # pragma: no cover

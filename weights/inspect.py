@@ -21,7 +21,15 @@ from typing import Any
 
 import torch
 
-from .controlnet import LDM_PREFIX, ControlNetFormat, UnknownFormatError, detect_controlnet_format
+from .controlnet import (
+    LDM_PREFIX,
+    ControlNetFormat,
+    UnknownFormatError,
+    _check_encoding,
+    convert_controlnet_state_dict,
+    detect_controlnet_format,
+    infer_controlnet_config,
+)
 from .lora import (
     KOHYA_UNET_PREFIX,
     LoraFormatError,
@@ -146,7 +154,8 @@ class FileReport:
         else:
             lines.append("metadata:   none")
         lines.append("loads in:")
-        lines += [f"  - {x}" for x in self.loaders] or ["  - (no known tool)"]
+        # An empty list always comes with the reason among the notes (which keys or shapes, which loader).
+        lines += [f"  - {x}" for x in self.loaders] or ["  - (no known tool; the notes say why)"]
         if self.notes:
             lines.append("notes:")
             lines += [f"  - {x}" for x in self.notes]
@@ -193,6 +202,47 @@ def _controlnet_loaders(fmt: ControlNetFormat, folder: bool) -> tuple[tuple[str,
         f"one-hot hint with {fmt.hint_channels} channels: stock UIs load the weights but feed 3-channel images, so "
         "only layout2image can drive it with a label map",
     )
+
+
+def _first_line(error: Exception) -> str:
+    """An error's message without its list of known formats or its advice to API callers (a report says what is
+    wrong; the rest is long or about arguments that ``inspect`` has not got)."""
+    text = str(error).split("\n")[0].rstrip(":").removesuffix(" Known formats")
+    for advice in (" The config does not describe", ". Pass strict=False"):
+        text = text.split(advice)[0]
+    return text.rstrip(". ") + "."
+
+
+def _controlnet_problems(infos: Mapping[str, TensorInfo], fmt: ControlNetFormat, metadata) -> list[str]:
+    """Why no loader takes a ControlNet whose signature keys were recognised; empty when it loads.
+
+    The signature (a few keys and the hint block) says which format the file claims to be; the loaders build the
+    model from a config (``l2i.config``, else one inferred from the shapes, as ComfyUI and layout2image do) and load
+    every tensor strictly, so one tensor of another shape fails all of them. Header shapes only: no tensor is read.
+    """
+    problems: list[str] = []
+    if metadata is not None and metadata.kind == "controlnet":
+        try:
+            _check_encoding(metadata, fmt, "l2i.* metadata")
+        except WeightsError as e:
+            problems.append(f"layout2image refuses it: {e}")
+    config = None
+    if metadata is not None and "config" in metadata.extra:
+        try:
+            config = json.loads(metadata.extra["config"])
+        except json.JSONDecodeError as e:
+            return problems + [f"layout2image refuses it: l2i.config is not valid JSON ({e})"]
+    source = "its l2i.config" if config is not None else "the config its shapes imply"
+    try:
+        if config is None:
+            config = infer_controlnet_config(infos)
+        convert_controlnet_state_dict(infos, fmt.layout, config=config, prefix=fmt.prefix)
+    except (WeightsError, KeyError, TypeError, ValueError) as e:
+        problems.append(
+            f"its tensors do not fit {source}, so every loader fails on them (ComfyUI, sd-webui-controlnet/Forge "
+            f"and diffusers with a size mismatch, layout2image with KeyMismatchError): {_first_line(e)}"
+        )
+    return problems
 
 
 def _tensor_infos(state: Mapping[str, Any]) -> dict[str, TensorInfo]:
@@ -376,6 +426,10 @@ def _report(
     if fmt is not None:
         loaders, more = _controlnet_loaders(fmt, folder)
         summary = f"ControlNet, {fmt.description} ({fmt.hint_encoding} hint)"
+        problems = _controlnet_problems(infos, fmt, metadata)
+        if problems:
+            loaders, more = (), problems
+            summary += ", damaged or mislabelled: no loader takes it as it is"
         return FileReport(kind="controlnet", summary=summary, loaders=loaders, notes=tuple(notes + list(more)),
                           controlnet_format=fmt, **common)  # fmt: skip
     control = {k[len(LDM_PREFIX) :]: v for k, v in infos.items() if k.startswith(LDM_PREFIX)}
@@ -400,6 +454,19 @@ def _report(
     if metadata is not None:
         summary = f"layout2image {metadata.kind} file"
         loaders = (_LAYOUT2IMAGE,) if metadata.kind == "class_embedding_table" else ()
+        if not loaders:
+            # The metadata names a kind whose key signature the tensors do not have: say what is missing.
+            why = "its keys and shapes match no known signature"
+            if metadata.kind == "controlnet":
+                try:
+                    detect_controlnet_format(infos)
+                except UnknownFormatError as e:
+                    why = _first_line(e)
+            summary += f" whose tensors are not a {metadata.kind}"
+            notes.append(
+                f"l2i.kind says {metadata.kind!r}, but no loader takes these tensors as one (layout2image, ComfyUI, "
+                f"A1111/Forge and diffusers all identify a file by its keys and shapes): {why}"
+            )
         return FileReport(kind=metadata.kind, summary=summary, loaders=loaders, notes=tuple(notes), **common)
     notes.append(
         "no known signature: known kinds are ControlNets (diffusers or ldm layout, standard/one-hot/ALDM hint "

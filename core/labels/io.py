@@ -7,13 +7,14 @@ stay the class ids; sets with more than 256 ids fall back to 16-bit greyscale PN
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import LabelMapError
+from ..files import atomic_path
+from ..image_files import check_pixel_count, open_image
 from .colors import ColorDecodeReport, decode_colors
 from .labelset import LabelSet
 from .validate import check_ids
@@ -39,7 +40,7 @@ class LabelMapRead:
 
 
 def _open_image(path: Path):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     try:
         size = path.stat().st_size
@@ -47,32 +48,92 @@ def _open_image(path: Path):
         raise LabelMapError(f"label map {str(path)!r} does not exist") from None
     if size == 0:
         raise LabelMapError(f"label map {str(path)!r} is empty (0 bytes)")
+    source = f"label map {str(path)!r}"
     try:
-        img = Image.open(path)
+        img = open_image(path, source, error=LabelMapError)  # the pixel limit, before any pixel is decoded
         img.load()
+    except LabelMapError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise LabelMapError(f"label map {str(path)!r} is not a readable image ({size} bytes): {e}") from None
+        raise LabelMapError(f"{source} is not a readable image ({size} bytes): {e}") from None
     return img
 
 
 def _read_npy(path: Path) -> np.ndarray:
+    source = f"label map {str(path)!r}"
     try:
         if path.stat().st_size == 0:
-            raise LabelMapError(f"label map {str(path)!r} is empty (0 bytes)")
-        arr = np.load(path, allow_pickle=False)
+            raise LabelMapError(f"{source} is empty (0 bytes)")
+        # A memory map reads only the header: shape and dtype are checked before the array is read.
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
-        raise LabelMapError(f"label map {str(path)!r} does not exist") from None
+        raise LabelMapError(f"{source} does not exist") from None
     except LabelMapError:
         raise
     except (ValueError, OSError, EOFError) as e:
-        raise LabelMapError(f"label map {str(path)!r} is not a readable .npy array: {e}") from None
+        raise LabelMapError(f"{source} is not a readable .npy array: {e}") from None
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if arr.ndim != 2:
+        raise LabelMapError(f"{source}: a .npy label map must be 2-D (H, W) class ids, got shape {tuple(arr.shape)}")
+    check_pixel_count(arr.shape[0], arr.shape[1], source, error=LabelMapError)
+    try:
+        arr = np.array(arr)
+    except (ValueError, OSError) as e:
+        raise LabelMapError(f"{source} is not a readable .npy array: {e}") from None
+    return _integer_ids(arr, source)
+
+
+# The largest id a label map may hold before conversion to int64 (ids are 0..65535 plus -1 for raw Cityscapes maps).
+_MAX_ID_MAGNITUDE = 2**31
+
+
+def _first_pixel(mask: np.ndarray) -> str:
+    y, x = (int(v[0]) for v in np.nonzero(mask))
+    return f"pixel (y={y}, x={x})"
+
+
+def _integer_ids(arr: np.ndarray, source: str) -> np.ndarray:
+    """Check that an array holds class ids and return it as int64.
+
+    Integer arrays are taken as they are. Float arrays are accepted only when every value is a whole number
+    (``7.0``; what a float tensor saved with ``np.save`` holds); a fraction (``6.7``), NaN or infinity is refused
+    with the pixel, since casting would silently truncate it (6.7 -> 6) or make it -9223372036854775808. Booleans,
+    complex numbers, strings and records are refused: they are not class ids.
+    """
+    kind = arr.dtype.kind
+    if kind == "b":
         raise LabelMapError(
-            f"label map {str(path)!r}: a .npy label map must be 2-D (H, W) class ids, got shape {tuple(arr.shape)}"
+            f"{source} holds booleans (dtype bool), not class ids; save integer ids, e.g. mask.astype(np.uint8)"
         )
-    return arr
+    if kind in "iu":
+        if arr.size and kind == "u" and arr.dtype.itemsize == 8 and int(arr.max()) >= _MAX_ID_MAGNITUDE:
+            raise LabelMapError(f"{source} holds id {int(arr.max())}, far beyond any class id (0..65535)")
+        return arr.astype(np.int64)
+    if kind != "f":
+        raise LabelMapError(f"{source} has dtype {arr.dtype}, not integer class ids; save an integer array")
+    nan, inf = np.isnan(arr), np.isinf(arr)
+    if nan.any():
+        raise LabelMapError(
+            f"{source} holds NaN at {_first_pixel(nan)} ({int(nan.sum())} pixels); a label map holds integer class ids"
+        )
+    if inf.any():
+        raise LabelMapError(
+            f"{source} holds infinity at {_first_pixel(inf)} ({int(inf.sum())} pixels); "
+            f"a label map holds integer class ids"
+        )
+    fraction = arr != np.round(arr)
+    if fraction.any():
+        at = tuple(int(v[0]) for v in np.nonzero(fraction))
+        raise LabelMapError(
+            f"{source} holds {float(arr[at]):g} at {_first_pixel(fraction)} ({int(fraction.sum())} pixels are not "
+            f"whole numbers); class ids are integers: round or fix the map and save it as integers"
+        )
+    huge = np.abs(arr) >= _MAX_ID_MAGNITUDE
+    if huge.any():
+        at = tuple(int(v[0]) for v in np.nonzero(huge))
+        raise LabelMapError(f"{source} holds {float(arr[at]):g} at {_first_pixel(huge)}, far beyond any class id")
+    return arr.astype(np.int64)
 
 
 def read_label_map(
@@ -147,7 +208,7 @@ def read_label_map(
             raise LabelMapError(f"{source} is an RGB image; mode='ids' needs a 1-channel or palette-mode image")
         raw = np.asarray(img)
         kind = "ids"
-    ids = raw.astype(np.int64)
+    ids = raw.astype(np.int64, copy=False)
     if apply_remap:
         if label_set is None:
             raise LabelMapError(f"{source}: apply_remap needs the label set that defines the remap")
@@ -162,18 +223,6 @@ def read_label_map(
 def load_label_map(path: str | os.PathLike, label_set: LabelSet | None = None, **kwargs) -> np.ndarray:
     """Shortcut for ``read_label_map(...).ids``: `(H, W)` int64 class ids."""
     return read_label_map(path, label_set, **kwargs).ids
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_label_map(path: str | os.PathLike, ids: np.ndarray, label_set: LabelSet) -> Path:
@@ -195,7 +244,8 @@ def save_label_map(path: str | os.PathLike, ids: np.ndarray, label_set: LabelSet
         raise LabelMapError(f"cannot save {str(path)!r}: a label map must be 2-D (H, W), got shape {tuple(arr.shape)}")
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        _atomic_write(path, lambda tmp: np.save(open(tmp, "wb"), arr.astype(np.int64)))  # noqa: SIM115
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, arr.astype(np.int64))
         return path
     if suffix != ".png":
         raise LabelMapError(f"cannot save label map to {str(path)!r}: use a .png or .npy file name")
@@ -206,5 +256,6 @@ def save_label_map(path: str | os.PathLike, ids: np.ndarray, label_set: LabelSet
         img.putpalette(pal.reshape(-1).tolist())
     else:
         img = Image.fromarray(arr.astype(np.uint16))
-    _atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
     return path

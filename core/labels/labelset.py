@@ -327,7 +327,9 @@ class LabelSet:
             text = json.dumps(data, indent=1)
         else:
             raise LabelSetError(f"cannot save label set to {str(path)!r}: use a .yaml, .yml or .json file name")
-        path.write_text(text, encoding="utf-8")
+        from ..files import atomic_write_text
+
+        atomic_write_text(path, text)
         return path
 
 
@@ -344,23 +346,33 @@ def _read_mapping(path: Path) -> Any:
     try:
         if suffix == ".json":
             return json.loads(text)
-        if suffix in (".yaml", ".yml"):
+        if suffix in (".yaml", ".yml", ""):  # no extension: YAML, which JSON is a subset of
             import yaml
 
             return yaml.safe_load(text)
     except Exception as e:  # json.JSONDecodeError / yaml.YAMLError carry the line and column
-        raise LabelSetError(f"label set file {str(path)!r} is not valid {suffix[1:].upper()}: {e}") from None
+        raise LabelSetError(
+            f"label set file {str(path)!r} is not valid {(suffix[1:] or 'yaml').upper()}: {e}"
+        ) from None
     raise LabelSetError(f"label set file {str(path)!r}: unknown extension {suffix!r}; use .yaml, .yml or .json")
+
+
+_BUILTIN_ALIASES = {"ade": "ade20k", "ade20k_150": "ade20k", "cityscapes_19": "cityscapes", "coco": "coco_stuff",
+                    "cocostuff": "coco_stuff", "coco_stuff_171": "coco_stuff", "celebamask": "celebamask_hq",
+                    "celebamask_hq_19": "celebamask_hq"}  # fmt: skip
+
+
+def _builtin_key(name: str) -> str | None:
+    """The built-in set that ``name`` names (its key in `BUILTIN_LABEL_SETS`, aliases and case allowed), else None."""
+    key = name.strip().lower().replace("-", "_")
+    key = _BUILTIN_ALIASES.get(key, key)
+    return key if key in BUILTIN_LABEL_SETS else None
 
 
 def get_label_set(name: str) -> LabelSet:
     """Return a built-in label set by name (one of `BUILTIN_LABEL_SETS`)."""
-    key = name.lower().replace("-", "_")
-    aliases = {"ade": "ade20k", "ade20k_150": "ade20k", "cityscapes_19": "cityscapes", "coco": "coco_stuff",
-               "cocostuff": "coco_stuff", "coco_stuff_171": "coco_stuff", "celebamask": "celebamask_hq",
-               "celebamask_hq_19": "celebamask_hq"}  # fmt: skip
-    key = aliases.get(key, key)
-    if key not in BUILTIN_LABEL_SETS:
+    key = _builtin_key(name)
+    if key is None:
         raise LabelSetError(f"unknown built-in label set {name!r}; built-in sets are {list(BUILTIN_LABEL_SETS)}")
     return _load_builtin(key)
 
@@ -372,12 +384,47 @@ def _load_builtin(key: str) -> LabelSet:
 
 
 def load_label_set(spec: str | Path | LabelSet | Mapping[str, Any]) -> LabelSet:
-    """Load a label set from a built-in name, a YAML/JSON file, a mapping, or pass a `LabelSet` through."""
+    """Load a label set from a built-in name, a YAML/JSON file, a mapping, or pass a `LabelSet` through.
+
+    A name is resolved once, here, for every caller (CLIs, trainer config, nodes):
+
+    - a built-in name (or alias, e.g. ``"toy"``, ``"ADE20K"``) is the built-in set, whatever folder or file of that
+      name the working directory holds (``l2i-toy --out toy`` makes a folder ``toy``). When a *file* of that name
+      exists as well, the built-in set is used and a warning says so and how to pick the file (``./toy``);
+    - anything else is a path, and a path must name a file: a folder is refused with a hint at the label set file
+      inside it, a missing file is refused naming the built-in sets.
+
+    Raises:
+        LabelSetError: unknown name, missing file, a folder, or an invalid label set file.
+    """
     if isinstance(spec, LabelSet):
         return spec
     if isinstance(spec, Mapping):
         return LabelSet.from_dict(spec)
+    text = str(spec)
     path = Path(spec)
-    if path.suffix.lower() in (".yaml", ".yml", ".json") or path.exists():
+    key = _builtin_key(text)
+    if key is not None:
+        if path.is_file():
+            from ..logging import get_logger, warn_once
+
+            warn_once(
+                get_logger(__name__),
+                f"label-set-shadow:{path.resolve()}",
+                f"label set {text!r}: using the built-in set {key!r}; a file {text!r} exists here too, "
+                f"write {'./' + text!r} (or its full path) to use the file instead",
+            )
+        return _load_builtin(key)
+    if path.is_dir():
+        inside = [p.name for p in sorted(path.glob("*")) if p.suffix.lower() in (".yaml", ".yml", ".json")]
+        hint = f" such as {str(path / inside[0])!r}" if inside else ""
+        raise LabelSetError(
+            f"label set {text!r} is a folder; give a label set file{hint} (YAML/JSON) or a built-in name "
+            f"{list(BUILTIN_LABEL_SETS)}"
+        )
+    if path.is_file() or path.suffix.lower() in (".yaml", ".yml", ".json"):
         return LabelSet.from_dict(_read_mapping(path), source=str(path))
-    return get_label_set(str(spec))
+    raise LabelSetError(
+        f"unknown built-in label set {text!r}, and no label set file of that name; built-in sets are "
+        f"{list(BUILTIN_LABEL_SETS)}, a custom set is a YAML/JSON file"
+    )

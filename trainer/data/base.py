@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ...core.image_files import check_pixel_count, open_image
 from ...core.labels import LabelSet, load_label_set, read_label_map
 from ...core.logging import get_logger
 from .captions import CaptionTable, fallback_caption, load_captions, pick_caption, read_caption_file
@@ -58,13 +59,15 @@ class SampleFiles:
 
 def image_size(path: Path) -> tuple[int, int]:
     """`(H, W)` of an image file from its header (PIL opens lazily, no pixels are decoded)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        with open_image(path, f"image {str(path)!r}", error=DatasetError) as img:  # the pixel limit, header only
             w, h = img.size
     except FileNotFoundError:
         raise DatasetError(f"image {str(path)!r} does not exist") from None
+    except DatasetError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"image {str(path)!r} is not a readable image: {e}") from None
     return (h, w)
@@ -88,6 +91,7 @@ def label_size(path: Path) -> tuple[int, int]:
         shape = shape[:2]
     if len(shape) != 2:
         raise DatasetError(f"label map {str(path)!r} must be 2-D (H, W) class ids, got shape {shape}")
+    check_pixel_count(int(shape[0]), int(shape[1]), f"label map {str(path)!r}", error=DatasetError)
     return (int(shape[0]), int(shape[1]))
 
 
@@ -328,7 +332,7 @@ class SegmentationDataset(Dataset):
             DatasetError: unreadable image, or image and label sizes differ (names both files and sizes).
             LabelMapError: unreadable label map or ids out of range (names the file).
         """
-        from PIL import Image, UnidentifiedImageError
+        from PIL import UnidentifiedImageError
 
         if not 0 <= index < len(self.files):
             raise IndexError(f"index {index} is out of range for a dataset of {len(self.files)} samples")
@@ -339,8 +343,10 @@ class SegmentationDataset(Dataset):
             raise DatasetError(f"cannot read image {str(f.image)!r}: {e}") from None
         image_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
         try:
-            img = Image.open(io.BytesIO(data))
+            img = open_image(io.BytesIO(data), f"image {str(f.image)!r}", error=DatasetError)  # the pixel limit
             img.load()
+        except DatasetError:
+            raise
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
             raise DatasetError(f"image {str(f.image)!r} is not a readable image ({len(data)} bytes): {e}") from None
         if img.mode != "RGB":
