@@ -9,6 +9,7 @@ import copy
 import importlib
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import zlib
@@ -97,6 +98,8 @@ def comfy():
         yield SimpleNamespace(
             nodes=importlib.import_module("layout2image.nodes"),
             cn=importlib.import_module("layout2image.nodes.controlnet"),
+            aldm=importlib.import_module("layout2image.nodes.control_aldm"),
+            io=importlib.import_module("comfy_api.latest").io,
             types=importlib.import_module("layout2image.nodes.types"),
             controlnet=importlib.import_module("comfy.controlnet"),
             cldm=importlib.import_module("comfy.cldm.cldm"),
@@ -193,7 +196,7 @@ def test_our_standard_file_with_heads_comfyui_would_guess_wrong_is_built_by_us(c
 
 
 def test_heads_translation(comfy):
-    cn = comfy.cn
+    cn = comfy.aldm
     config = dict(TINY_UNET, mid_block_type="UNetMidBlock2DCrossAttn")
     assert cn._attention_levels(config) == [(32, 8), (64, 8)]  # level 0 and the mid block
     assert cn._comfy_heads([(32, 8), (64, 8)], "f") == {"num_heads": 8, "num_head_channels": -1}
@@ -302,6 +305,18 @@ def test_stock_loaded_controlnet_is_read_by_its_hint_channels(comfy, models, tmp
     torch.testing.assert_close(hint, palette_rgb(ids, other))  # the map's own palette: the file records none
     with pytest.raises(comfy.cn.ControlNetLoadError, match="reads 8 hint channels"):
         comfy.cn.layout_hint_of(onehot, get_label_set("cityscapes"))
+    with pytest.raises(comfy.cn.ControlNetLoadError, match=re.escape(f"with '{comfy.cn.LOADER_NAME}'")):
+        comfy.cn.layout_hint_of(SimpleNamespace(control_model=torch.nn.Linear(2, 2)), TOY)  # no hint block
+
+
+def test_model_code_and_nodes_live_apart(comfy):
+    """Model building in nodes/control_aldm.py (no node classes), the nodes in nodes/controlnet.py, which re-exports
+    the public names from their old import path."""
+    classes = [v for v in vars(comfy.aldm).values() if isinstance(v, type) and issubclass(v, comfy.io.ComfyNode)]
+    assert classes == [] and not hasattr(comfy.aldm, "NODES")
+    assert [n.define_schema().node_id for n in comfy.cn.NODES] == ["L2IALDMControlNetLoader", "L2IApplyALDMControlNet"]
+    for name in comfy.aldm.__all__:
+        assert getattr(comfy.cn, name) is getattr(comfy.aldm, name), name
 
 
 # ------------------------------------------------------------------------------------------------ checks
