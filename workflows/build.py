@@ -78,6 +78,8 @@ LAYOUT_IMAGE = "l2i_layout_ade20k.png"
 NEGATIVE = "blurry, low quality, distorted"
 
 
+#: Room left under an upload combo's node for the frontend's image preview (a square image at node width 320).
+UPLOAD_PREVIEW_HEIGHT = 280
 #: Upload options of a COMBO input (V1 ``{"image_upload": True}``, V3 ``io.Combo.Input(upload=UploadType.image)``).
 UPLOAD_KINDS = ("image_upload", "animated_image_upload", "video_upload", "audio_upload")
 
@@ -331,7 +333,10 @@ class Graph:
             widgets = sum(1 for i in node.spec["inputs"] if i["widget"])
             rows = max(sockets + widgets, len(node.spec["outputs"]), 1)
             tall = any(i.get("multiline") for i in node.spec["inputs"] if i["widget"])
-            sizes[node.id] = [320, 46 + 24 * rows + (60 if tall else 0)]
+            # an upload combo shows the picked image under its widgets (the frontend grows the node to about
+            # 320 px for a square image at this width); without the room it covers the nodes below
+            preview = any(i.get(k) for i in node.spec["inputs"] for k in UPLOAD_KINDS)
+            sizes[node.id] = [320, 46 + 24 * rows + (60 if tall else 0) + (UPLOAD_PREVIEW_HEIGHT if preview else 0)]
         return sizes
 
     def _positions(self) -> dict[int, list[int]]:
