@@ -37,6 +37,7 @@ __all__ = [
     "TINY_VOCAB",
     "assert_close_for_dtype",
     "capture_loader_messages",
+    "declared_size_png",
     "float_tolerance",
     "free_port",
     "http_json",
@@ -325,3 +326,22 @@ def assert_close_for_dtype(actual: Any, expected: Any, *, ulps: float = FLOAT_OU
             f"{prefix}{m}\n(tolerance {atol:.3g} = {ulps:g} x eps({expected.dtype}) x magnitude {magnitude:.3g})"
         ),
     )
+
+
+# ---------------------------------------------------------------------------------------------------- bad images
+def declared_size_png(path: Path, width: int, height: int) -> Path:
+    """Write a PNG of about 100 bytes whose header declares ``width`` x ``height`` 1-bit grey pixels.
+
+    Only the header is real (the pixel data is a stub): what a pixel-limit check must refuse before decoding, the
+    way a 140 KB PNG declaring 12000x12000 would otherwise take gigabytes to open.
+    """
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    stub = zlib.compress(b"\0" * 64)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", stub) + chunk(b"IEND", b""))
+    return path

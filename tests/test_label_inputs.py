@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import time
 import warnings
-import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,24 +22,12 @@ from layout2image.core import image_files
 from layout2image.core.errors import LabelMapError, LabelSetError
 from layout2image.core.labels import get_label_set, load_label_map, load_label_set, save_label_map
 from layout2image.core.logging import reset_warn_once
+from layout2image.testing import declared_size_png
 from layout2image.trainer.data.base import image_size, label_size
 from layout2image.trainer.data.errors import DatasetError
 
 TOY = get_label_set("toy")
 OTHER_SET = "name: mine\nclasses:\n  - {name: a, color: [1, 2, 3]}\n  - {name: b, color: [4, 5, 6]}\n"
-
-
-def declared_png(path: Path, width: int, height: int) -> Path:
-    """A PNG of ~100 bytes whose header declares ``width`` x ``height`` 1-bit grey pixels (the data is a stub: the
-    size check must refuse the file before decoding it)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-    path.write_bytes(png)
-    return path
 
 
 @pytest.fixture
@@ -102,7 +87,7 @@ def test_label_maps_and_sets_get_the_umask_mode(tmp_path):
 # ---------------------------------------------------------------------------------------------------- C17 pixels
 @pytest.mark.parametrize("size", [(12000, 12000), (20000, 20000)], ids=["over-ours", "over-PIL-guard-too"])
 def test_a_small_png_declaring_a_huge_size_is_refused_before_decoding(tmp_path, default_limit, size):
-    path = declared_png(tmp_path / "bomb.png", *size)
+    path = declared_size_png(tmp_path / "bomb.png", *size)
     assert path.stat().st_size < 200
     start = time.perf_counter()
     with warnings.catch_warnings():
