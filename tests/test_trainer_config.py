@@ -241,3 +241,22 @@ def test_resume_config_rules(tmp_path):
     message = str(info.value)
     assert "2 setting(s) differ" in message and "optim.lr: saved 0.001, requested 0.5" in message
     assert "train.seed: saved 0, requested 3" in message and "train.steps: saved" not in message
+
+
+def test_resuming_another_runs_checkpoint_into_a_folder_with_its_own_run_is_refused(tmp_path):
+    import torch
+
+    from layout2image.trainer.checkpoint import CheckpointState, save_checkpoint
+    from layout2image.trainer.loop import Trainer
+
+    state = CheckpointState(step=1, epoch=0, batch=1, skipped_steps=0, config_hash="h")
+    other = save_checkpoint(tmp_path / "a" / "checkpoints", state, {"trainable": {"w": torch.zeros(1)}}, {})
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.yaml").write_text("train: {}\n")
+    before = sorted(p.name for p in (tmp_path / "b").iterdir())
+    config = load_config(
+        "toy", overrides=["data.root=d", f"train.output_dir={tmp_path / 'b'}", f"train.resume={other}"]
+    )
+    with pytest.raises(FileExistsError, match="checkpoint of another run"):
+        Trainer(config)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == before

@@ -57,7 +57,13 @@ from .config import Config, ConfigError
 from .data import EncodingCache, build_dataset
 from .data.check import ReportingDataset, SampleReadError, check_dataset, collate_reporting, raise_if_failed
 from .export import ExportResult, export_models
-from .resume import changes_header, check_output_folder, move_earlier_run_aside, reconcile_resume_config
+from .resume import (
+    changes_header,
+    check_output_folder,
+    earlier_run_files,
+    move_earlier_run_aside,
+    reconcile_resume_config,
+)
 from .step import LayoutDiffusionStep, encode_images
 
 __all__ = ["EncodedBatch", "ResumableBatchSampler", "StepOutcome", "TrainResult", "Trainer", "step_seed", "train"]
@@ -206,6 +212,13 @@ class Trainer:
         self.config_changes: list[dict[str, Any]] = []
         if t.resume:
             folder = resolve_resume(t.resume, self.output)
+            own = earlier_run_files(self.output)
+            if own and folder.resolve().parent != (self.output / "checkpoints").resolve():
+                raise FileExistsError(
+                    f"--resume {t.resume!r} is a checkpoint of another run, and --output {str(self.output)!r} holds "
+                    f"a run of its own ({', '.join(own)}); resume into the checkpoint's run folder, or into a new "
+                    "--output"
+                )
             checkpoint = (folder, *load_checkpoint_files(folder))
             config, changes = reconcile_resume_config(config, folder, checkpoint[1])
             self.config_changes = [*checkpoint[1].config_changes, *(c.to_dict() for c in changes)]
