@@ -77,7 +77,7 @@ def size_hw(text: str) -> tuple[int, int]:
     if h < 1 or w < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: height and width must be at least 1 pixel (HxW, e.g. 64x128)")
     try:
-        check_pixel_count(h, w, f"--size {text}")
+        check_pixel_count(h, w, "the output size")
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return h, w

@@ -64,7 +64,7 @@ def max_image_pixels() -> int | None:
 
 
 def _how_to_raise(pixels: int) -> str:
-    return f"to read it, set the environment variable {ENV_MAX_IMAGE_PIXELS}={pixels} or more (0: no limit)"
+    return f"to allow it, set the environment variable {ENV_MAX_IMAGE_PIXELS}={pixels} or more (0: no limit)"
 
 
 _SETTING: Any = object()  # "use max_image_pixels()"
