@@ -10,7 +10,9 @@ which checks its label-set metadata. Nothing is downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -44,6 +46,11 @@ CATEGORY = "layout2image/toy"
 _EXPORT_SUBFOLDERS = ("controlnet", "export/controlnet", "run/export/controlnet")
 _MAX_SEED = 0xFFFFFFFFFFFFFFFF
 DEFAULT_PROMPT = "a city street at night with two cars and a tree"
+#: CPU threads Toy Generate uses. The toy models' ops are tiny ((1, 64, 16, 16) activations at 128 px), so
+#: splitting each across cores gains little, and when other processes keep the cores busy every op waits at a
+#: barrier for a descheduled thread: template 06 took 2-11 s with 2 threads and 0.6-1.4 s with 1 on a 2-core
+#: machine at load 4-6 (docs/COMFYUI.md, "How fast template 06 runs").
+TOY_CPU_THREADS = 1
 
 
 def resolve_toy_folder(folder: str = "") -> Path:
@@ -166,6 +173,21 @@ def load_toy_world(folder: str = "", controlnet_path: str = "") -> ToyModels:
         table=table,
         controlnet_source="" if cn_path is None else str(cn_path),
     )
+
+
+@contextlib.contextmanager
+def _cpu_threads(device: torch.device, threads: int) -> Iterator[None]:
+    """Run with at most ``threads`` intra-op threads on the CPU (ComfyUI runs one node at a time, so the
+    process-wide setting is put back before the next node)."""
+    before = torch.get_num_threads()
+    if device.type != "cpu" or before <= threads:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _device() -> torch.device:
@@ -401,18 +423,20 @@ class L2IToyGenerate(io.ComfyNode):
         if not isinstance(toy_world, ToyModels):
             raise ToyWorldError(f"`toy_world` must come from Toy World Loader, got {type(toy_world).__name__}")
         label_set: LabelSet = label_map.label_set
-        images = generate_toy_images(
-            toy_world,
-            label_map.ids,
-            label_set,
-            str(prompt),
-            str(negative_prompt),
-            steps=int(steps),
-            guidance_scale=float(cfg),
-            seed=int(seed),
-            control_strength=float(control_strength),
-            device=_device(),
-        )
+        device = _device()
+        with _cpu_threads(device, TOY_CPU_THREADS):
+            images = generate_toy_images(
+                toy_world,
+                label_map.ids,
+                label_set,
+                str(prompt),
+                str(negative_prompt),
+                steps=int(steps),
+                guidance_scale=float(cfg),
+                seed=int(seed),
+                control_strength=float(control_strength),
+                device=device,
+            )
         return io.NodeOutput(images.permute(0, 2, 3, 1).contiguous())
 
 

@@ -198,6 +198,31 @@ def _toy_controlnet(world, path: Path, *, randomise: bool, label_set=TOY) -> Pat
     return save_controlnet(model, path, to="diffusers", metadata=md)
 
 
+def test_generate_runs_the_toy_models_on_one_cpu_thread_and_puts_the_setting_back(comfy, monkeypatch):
+    """The tiny toy models run on TOY_CPU_THREADS intra-op threads (many threads on busy cores made template 06
+    several times slower); the process-wide thread count is restored afterwards, also when generation fails."""
+    seen = []
+
+    def fake_generate(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        if kwargs["seed"] == 13:
+            raise ToyWorldError("boom")
+        return torch.zeros(1, 3, 8, 8)
+
+    monkeypatch.setattr(comfy.toy, "generate_toy_images", fake_generate)
+    label_map = _scene(comfy, size=16)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        _generate(comfy, object.__new__(comfy.toy.ToyModels), label_map)
+        assert seen == [comfy.toy.TOY_CPU_THREADS] and torch.get_num_threads() == 3
+        with pytest.raises(ToyWorldError, match="boom"):
+            _generate(comfy, object.__new__(comfy.toy.ToyModels), label_map, seed=13)
+        assert seen[-1] == comfy.toy.TOY_CPU_THREADS and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 @needs_toy_weights
 def test_generate_with_a_toy_controlnet(comfy, world, tmp_path):
     label_map = _scene(comfy)
