@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.files import atomic_path, atomic_write_text
 from ..core.labels import colorize, legend_image
 from ..core.labels.preview import annotate_grid
 from ..core.logging import get_logger
@@ -199,7 +200,8 @@ class Validator:
         grid = self._grid(samples, pred_maps, step)
         from PIL import Image
 
-        Image.fromarray(grid).save(folder / "grid.png")
+        with atomic_path(folder / "grid.png") as tmp:
+            Image.fromarray(grid).save(tmp, format="PNG")
         miou = acc = None
         record = {"step": step, "prompts": self.prompts, "seeds": self.seeds}
         if self.segmenter is not None:
@@ -214,7 +216,7 @@ class Validator:
                 },
                 segmenter=self.config.segmenter,
             )
-        (folder / "metrics.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(folder / "metrics.json", json.dumps(record, indent=2) + "\n")
         logger.info(
             "validation at step %d: %s%s", step, folder, "" if miou is None else f", mIoU {miou:.4f}, acc {acc:.4f}"
         )
