@@ -271,7 +271,8 @@ def preview_grid(
     pad: int = 2,
     legend: bool = True,
 ) -> np.ndarray:
-    """Rows of [colourised label | image], optionally with a legend of the classes present at the right.
+    """Rows of [colourised label | image], optionally with a legend at the right of the classes present (and of the
+    ignore id's colour when a map has ignore pixels).
 
     Args:
         label_maps (`Sequence[np.ndarray]`): `(H, W)` id maps, all of one size.
