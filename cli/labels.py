@@ -1,14 +1,6 @@
 """``l2i-labels``: inspect label sets and check, convert and preview label maps.
 
-Examples::
-
-    l2i-labels list
-    l2i-labels show cityscapes --legend legend.png
-    l2i-labels check berlin_000000_000019_gtFine_labelIds.png --labels cityscapes --remap
-    l2i-labels convert painted.png ids.png --labels ade20k --tolerance 20
-    l2i-labels convert ids.png colours.png --labels ade20k --to colors
-    l2i-labels preview ids.png preview.png --labels ade20k --image photo.jpg
-    l2i-labels resize ids.png small.png --labels ade20k --size 64x128   # HxW: 64 rows high, 128 columns wide
+Examples and exit codes: `EPILOG` below (what ``l2i-labels --help`` prints).
 
 Exit codes: 0 success, 1 the map or label set is invalid (the message says what and where), 2 bad arguments or
 another unreadable input.
