@@ -1,6 +1,6 @@
 """``l2i-labels``: inspect label sets and check, convert and preview label maps.
 
-Examples and exit codes: `EPILOG` below (what ``l2i-labels --help`` prints).
+Examples: `EPILOG` below (what ``l2i-labels --help`` prints).
 
 Exit codes: 0 success, 1 the map or label set is invalid (the message says what and where), 2 bad arguments or
 another unreadable input.
