@@ -1,26 +1,22 @@
 """Layout alignment: segment generated images and score them against the label map they were made from.
 
 The segmenter is any transformers semantic-segmentation model in a local folder (SegFormer, UperNet, or a
-discriminator saved by the trainer), loaded with ``local_files_only=True``. Its classes are matched to the label
-set by name (case, ``_``/``-`` and ``;``-separated aliases folded); only the label set's classes compete in the
-argmax, so a segmenter with more classes (ADE20K-150 for a subset) works. Scoring is ``core.metrics``.
+discriminator saved by the trainer) or ``builtin:toy``; loading it and matching its classes to the label set by
+name live in ``core.segmenters`` (shared with ``l2i-eval``). Scoring is ``core.metrics``.
 Per the project's rule, measure with a segmenter that is neither the discriminator nor its initialisation.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from comfy_api.latest import io
 
-from ..core.discriminator import normalize_class_name, resolve_input_norm
-from ..core.discriminator.tables import source_aliases
 from ..core.labels import LabelSet
 from ..core.metrics import MeanIoU, error_map
+from ..core.segmenters import Segmenter, SegmenterError, class_rows, load_segmenter, segment
 from .model_files import clean_path_input
 from .types import LabelMap, LabelMapType
 
@@ -30,57 +26,8 @@ CATEGORY = "layout2image/evaluation"
 INPUT_NORM_OPTIONS = ("auto", "imagenet", "half")
 
 
-class SegmenterError(ValueError):
-    """The segmenter folder cannot be loaded or its classes do not cover the label set."""
-
-
-@functools.lru_cache(maxsize=2)
-def _load_segmenter(folder: str, stamp: float):
-    from transformers import AutoModelForSemanticSegmentation
-
-    try:
-        model = AutoModelForSemanticSegmentation.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise SegmenterError(
-            f"`segmenter_path` {folder!r} is not a loadable transformers segmentation model folder "
-            f"(config.json + weights, e.g. SegFormer or UperNet): {e}"
-        ) from None
-    return model.float().eval().requires_grad_(False)
-
-
-def _segmenter(path: str):
-    folder = Path(clean_path_input(path)).expanduser()
-    if not str(path or "").strip():
-        raise SegmenterError("`segmenter_path` is empty; give a local transformers segmentation model folder")
-    if not (folder / "config.json").is_file():
-        raise SegmenterError(
-            f"`segmenter_path` {str(folder)!r} has no config.json; give a local transformers segmentation model "
-            "folder (save_pretrained output)"
-        )
-    return _load_segmenter(str(folder.resolve()), (folder / "config.json").stat().st_mtime), folder
-
-
-def _class_rows(model, label_set: LabelSet, where: str) -> list[int]:
-    """For each class of the label set, the segmenter output row with the same (normalised) name."""
-    id2label = getattr(model.config, "id2label", None) or {}
-    by_name: dict[str, int] = {}
-    for row, name in sorted((int(k), v) for k, v in id2label.items()):
-        for alias in source_aliases(name):
-            by_name.setdefault(alias, row)
-    rows, missing = [], []
-    for name in label_set.names:
-        row = by_name.get(normalize_class_name(name))
-        if row is None:
-            missing.append(name)
-        rows.append(row)
-    if missing:
-        known = [id2label[k] for k in sorted(id2label, key=int)][:12]
-        raise SegmenterError(
-            f"the segmenter in {where} has no class named {missing[:8]}{' ...' if len(missing) > 8 else ''} of label "
-            f"set {label_set.name!r}; its classes are {known}{' ...' if len(id2label) > 12 else ''}. Use a "
-            "segmenter trained on this label set (its config.json id2label must name the label set's classes)."
-        )
-    return rows
+def _segmenter(path: str, input_norm: str = "auto") -> Segmenter:
+    return load_segmenter(clean_path_input(path), input_norm, what="segmenter_path")
 
 
 def _device():
@@ -96,24 +43,15 @@ def segment_to_label_set(
 ) -> torch.Tensor:
     """Predicted class ids of the label set for IMAGE batch `images` `(B, H, W, 3)`: `(B, *size)` int64 (CPU).
 
-    Logits are upsampled bilinearly to ``size`` and the argmax runs over the label set's rows only.
+    Logits are upsampled bilinearly to ``size`` and the argmax runs over the label set's rows only
+    (`core.segmenters.segment`, on ComfyUI's device, one image at a time).
     """
-    rows = _class_rows(model, label_set, where)
-    device = _device()
-    mean = torch.tensor(input_norm.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(input_norm.std, device=device).view(1, 3, 1, 1)
-    preds = []
-    model.to(device)
+    class_rows(model, label_set, where)  # a mismatch is reported before the model is moved
+    model.to(_device())
     try:
-        with torch.no_grad():
-            for frame in images:  # one image at a time: segmenters at full resolution are memory hungry
-                pixels = frame[None, ..., :3].to(device=device, dtype=torch.float32).permute(0, 3, 1, 2)
-                logits = model(pixel_values=(pixels - mean) / std).logits
-                logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
-                preds.append(logits[:, rows].argmax(1).cpu())
+        return segment(model, images[..., :3].permute(0, 3, 1, 2), label_set, size, input_norm, where=where)
     finally:
         model.to("cpu")
-    return torch.cat(preds)
 
 
 def _iou_table(scores, label_set: LabelSet, target: torch.Tensor) -> str:
@@ -209,10 +147,10 @@ class L2ILayoutAlignment(io.ComfyNode):
                 f"{b} image(s) for {labels} label maps: give one map, or one map per image (or per group of images)"
             )
         target = label_map.ids.repeat_interleave(b // labels, dim=0)
-        model, folder = _segmenter(segmenter_path)
-        saved = getattr(model.config, "l2i_discriminator", None)
-        norm = resolve_input_norm(input_norm, folder=folder, saved=saved if isinstance(saved, dict) else None)
-        pred = segment_to_label_set(model, image, label_map.label_set, label_map.size, norm, where=str(folder))
+        seg = _segmenter(segmenter_path, input_norm)
+        pred = segment_to_label_set(
+            seg.model, image, label_map.label_set, label_map.size, seg.input_norm, where=str(seg.folder)
+        )
         metric = MeanIoU(label_map.label_set.num_classes, label_map.ignore_index)
         metric.update(pred, target)
         scores = metric.compute()
