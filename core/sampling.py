@@ -11,6 +11,10 @@ with ``c`` the prompt, ``∅`` the negative prompt, ``L`` the layout and ``∅_L
 ControlNet: no residuals). With ``s_t = 1`` the first two terms are ``ε(c, L)``, and the formula is SDM's layout
 guidance ``ε(c, ∅_L) + s_l · (ε(c, L) − ε(c, ∅_L))``. As in ALDM, the layout enters both text branches. All the
 passes of a step run as one UNet batch ``[∅-text | text | text without layout]``.
+
+Any diffusers scheduler drives the loop (`make_scheduler` builds one by name from a model's scheduler config), and
+``generator`` may be one generator per sample: each sample's initial noise (and an ancestral sampler's step noise)
+then depends on its own seed only, not on the other samples of its batch.
 """
 
 from __future__ import annotations
@@ -22,7 +26,56 @@ import torch
 
 from .spade import get_spade_context, is_spade_patched
 
-__all__ = ["ControlInput", "decode_to_images", "encode_prompts", "guided_noise", "sample_latents"]
+__all__ = [
+    "SCHEDULERS",
+    "ControlInput",
+    "decode_to_images",
+    "encode_prompts",
+    "guided_noise",
+    "make_scheduler",
+    "sample_latents",
+]
+
+#: Short scheduler names -> (diffusers class name, config overrides). Any diffusers scheduler class name works too.
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "dpm-solver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpmsolver_multistep": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
+}
+
+
+def make_scheduler(name: str, config) -> object:
+    """A fresh diffusers scheduler by name, built from a model's scheduler config (its betas and timestep spacing).
+
+    Args:
+        name (`str`): a key of `SCHEDULERS` (``ddim``, ``dpm-solver++``/``dpmsolver_multistep``, ``euler``,
+            ``euler_a``/``euler_ancestral``, ``unipc``, ``pndm``; case and ``-``/``_`` do not matter) or the name of
+            any diffusers scheduler class (``"HeunDiscreteScheduler"``).
+        config: the base model's scheduler config (``scheduler.config`` or a dict).
+
+    Raises:
+        ValueError: an unknown name (the known names are listed).
+    """
+    import diffusers
+
+    key = name.strip().lower().replace("_", "-")
+    short = {k.replace("_", "-"): v for k, v in SCHEDULERS.items()}
+    if key in short:
+        class_name, overrides = short[key]
+    else:
+        class_name, overrides = name.strip(), {}
+    cls = getattr(diffusers, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.SchedulerMixin)):
+        raise ValueError(
+            f"scheduler {name!r} is not known; use one of {', '.join(SCHEDULERS)} or a diffusers scheduler class name "
+            "(e.g. HeunDiscreteScheduler)"
+        )
+    return cls.from_config(dict(config), **overrides)
 
 
 @dataclass
@@ -177,7 +230,7 @@ def sample_latents(
     guidance_scale: float = 7.5,
     layout_guidance_scale: float = 1.0,
     eta: float = 0.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     latents: torch.Tensor | None = None,
     on_step: Callable[[], None] | None = None,
 ) -> torch.Tensor:
@@ -190,7 +243,9 @@ def sample_latents(
         latent_size (`tuple[int, int]`): `(h, w)` of the latents (image size / VAE factor).
         num_steps (`int`, defaults to 25): sampling steps.
         eta (`float`, defaults to 0.0): DDIM η (ignored by schedulers without it).
-        generator (`torch.Generator`, *optional*): for the initial noise (and η noise).
+        generator (`torch.Generator` or a list of them, *optional*): for the initial noise (and η / ancestral noise);
+            a list gives one generator per sample (`(1, C, h, w)` noise drawn from each in turn), so a sample's
+            noise does not depend on the batch it is in.
         latents (`torch.Tensor`, *optional*): `(B, C, h, w)` initial noise to use instead of drawing it.
         on_step (`Callable[[], None]`, *optional*): called after each sampling step (a progress bar's update).
 
@@ -201,17 +256,23 @@ def sample_latents(
 
     batch = prompt_embeds.shape[0]
     device = prompt_embeds.device
+    if isinstance(generator, Sequence) and len(generator) != batch:
+        raise ValueError(f"got {len(generator)} generators for a batch of {batch}; pass one per sample")
     if latents is None:
         shape = (batch, unet.config.in_channels, int(latent_size[0]), int(latent_size[1]))
-        latents = torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32).to(device)
+        if isinstance(generator, Sequence):
+            draws = [torch.randn((1, *shape[1:]), generator=g, device="cpu", dtype=torch.float32) for g in generator]
+            latents = torch.cat(draws).to(device)
+        else:
+            latents = torch.randn(shape, generator=generator, device="cpu", dtype=torch.float32).to(device)
         latents = latents.to(prompt_embeds.dtype) * scheduler.init_noise_sigma
     scheduler.set_timesteps(num_steps, device=device)
     step_kwargs = {}
     params = inspect.signature(scheduler.step).parameters
     if "eta" in params:
         step_kwargs["eta"] = eta
-    if "generator" in params:
-        step_kwargs["generator"] = generator
+    if "generator" in params:  # diffusers' randn_tensor takes a list: one draw per sample
+        step_kwargs["generator"] = list(generator) if isinstance(generator, Sequence) else generator
     timesteps = scheduler.timesteps
     for i, t in enumerate(timesteps):
         model_in = scheduler.scale_model_input(latents, t)
