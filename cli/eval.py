@@ -119,7 +119,8 @@ def render_markdown(report: dict) -> str:
         row = f"| {name} | {count} | {_fmt(scores['miou'])} | {_fmt(scores['pixel_accuracy'])} |"
         if frechet:
             value = frechet["values"].get(name)
-            row += f" {_fmt(value)} |"
+            ref = frechet["reference_images"].get(name, {})
+            row += f" {_fmt(value)} (vs {ref.get('domain', 'all')}, {ref.get('num', 0)}) |"
         lines.append(row)
     lines += ["", "Per-class IoU (— : class in neither the maps nor the predictions):", ""]
     domains = list(layout["per_domain"])
@@ -135,24 +136,59 @@ def render_markdown(report: dict) -> str:
             f"## {frechet['name']}",
             "",
             f"Against `{frechet['reference']}` ({frechet['num_reference']} images); {frechet['features']}. "
-            "Comparable only with distances from the same segmenter and size; not Inception FID.",
+            "Each domain is compared with the reference images of the same domain when the reference names at "
+            "least 2 (its manifest.json or captions.jsonl), else with all of them; the table says which (vs "
+            "domain, images). Comparable only with distances from the same segmenter and size; not Inception FID.",
         ]
     lines += ["", "## Not computed", ""]
     lines += [f"- {key}: {why}" for key, why in report["not_computed"].items()]
     return "\n".join(lines) + "\n"
 
 
-def _run(args: argparse.Namespace) -> int:
+def _frechet_report(args, samples, domains, groups_seen, reference, ref_domains, segmenter) -> dict:
+    """The distance of all images and of each domain; a domain is compared with the reference images of the same
+    domain when the reference folder names at least 2 of them (its manifest.json or captions.jsonl), else with all
+    reference images."""
     from ..core.evaluation import (
         FRECHET_NAME,
         NO_DOMAIN,
         TOY_FRECHET_NAME,
-        layout_alignment,
-        list_images,
-        read_domains,
-        scores_dict,
         segmenter_frechet_distance,
     )
+
+    size = (args.feature_size, args.feature_size) if args.feature_size else None
+    # (generated group -> files) per reference set, so each reference set's features are computed once
+    plan: dict[str, dict[str, list]] = {"all": {"all": [f[1] for f in samples]}}
+    against: dict[str, str] = {"all": "all"}
+    for domain in groups_seen:
+        files = [f[1] for f in samples if domains.get(f[0], NO_DOMAIN) == domain]
+        same = [p for p in reference if ref_domains.get(p.stem) == domain]
+        key = domain if domain != NO_DOMAIN and len(same) >= 2 else "all"
+        plan.setdefault(key, {})[domain] = files
+        against[domain] = key
+    results, counts = {}, {}
+    for key, groups in plan.items():
+        ref = reference if key == "all" else [p for p in reference if ref_domains.get(p.stem) == key]
+        results.update(segmenter_frechet_distance(groups, ref, segmenter, size, progress=not args.quiet))
+        counts[key] = len(ref)
+    first = next((r for r in results.values() if r is not None), None)
+    return {
+        "name": TOY_FRECHET_NAME if args.segmenter == "builtin:toy" else FRECHET_NAME,
+        "reference": str(args.reference),
+        "num_reference": len(reference),
+        "features": (
+            f"segmenter {args.segmenter} encoder, every stage averaged over space, "
+            f"{first.num_features} dims, images resized to {first.size[0]}x{first.size[1]}"
+            if first
+            else "no group had 2 images"
+        ),
+        "values": {g: (None if results[g] is None else results[g].value) for g in ["all", *groups_seen]},
+        "reference_images": {g: {"domain": against[g], "num": counts[against[g]]} for g in ["all", *groups_seen]},
+    }
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..core.evaluation import layout_alignment, list_images, read_domains, scores_dict
     from ..core.files import atomic_write_text
     from ..core.labels import load_label_set
     from ..core.segmenters import class_rows, load_segmenter
@@ -183,6 +219,7 @@ def _run(args: argparse.Namespace) -> int:
     segmenter = load_segmenter(args.segmenter, args.input_norm, what="--segmenter")
     class_rows(segmenter, label_set, args.segmenter)
     reference = list_images(args.reference) if args.reference else None
+    ref_domains = read_domains(args.reference) if args.reference else {}
     domains = read_domains(root)
 
     progress = not args.quiet
@@ -200,24 +237,9 @@ def _run(args: argparse.Namespace) -> int:
         },
     }
     if reference is not None:
-        groups = {"all": [f[1] for f in samples]}
-        for domain in layout.per_domain:
-            groups[domain] = [f[1] for f in samples if domains.get(f[0], NO_DOMAIN) == domain]
-        size = (args.feature_size, args.feature_size) if args.feature_size else None
-        results = segmenter_frechet_distance(groups, reference, segmenter, size, progress=progress)
-        first = next(r for r in results.values() if r is not None) if any(results.values()) else None
-        report["frechet_distance"] = {
-            "name": TOY_FRECHET_NAME if args.segmenter == "builtin:toy" else FRECHET_NAME,
-            "reference": str(args.reference),
-            "num_reference": len(reference),
-            "features": (
-                f"segmenter {args.segmenter} encoder, every stage averaged over space, "
-                f"{first.num_features} dims, images resized to {first.size[0]}x{first.size[1]}"
-                if first
-                else "no group had 2 images"
-            ),
-            "values": {g: (None if r is None else r.value) for g, r in results.items()},
-        }
+        report["frechet_distance"] = _frechet_report(
+            args, samples, domains, layout.per_domain, reference, ref_domains, segmenter
+        )
     report["not_computed"] = NOT_COMPUTED
     report["seconds"] = round(time.perf_counter() - start, 2)
     # eval.md first, eval.json last: eval.json's presence marks a finished evaluation (what --overwrite guards).

@@ -102,6 +102,9 @@ def test_cli_scores_the_toy_dataset_per_domain(toy_sets, tmp_path, capsys):
     frechet = report["frechet_distance"]
     assert frechet["name"] == TOY_FRECHET_NAME and "not Inception" in frechet["name"]
     assert set(frechet["values"]) == {"all", *DOMAINS} and frechet["values"]["all"] > 0
+    # the reference names its domains (captions.jsonl): each domain is compared with its own 2 reference images
+    assert frechet["reference_images"]["all"] == {"domain": "all", "num": 8}
+    assert frechet["reference_images"]["night"] == {"domain": "night", "num": 2}
     assert set(report["not_computed"]) == {"inception_fid", "kid", "lpips_diversity", "clip_score"}
     md = (gen / "eval.md").read_text()
     assert "| all | 8 |" in md and "| night | 2 |" in md and TOY_FRECHET_NAME in md
@@ -151,3 +154,12 @@ def test_bad_input_is_one_line_and_writes_nothing(toy_sets, tmp_path, capsys, ca
     assert len(lines) == 1 and lines[0].startswith("l2i-eval: error: ") and expected in lines[0]
     assert "Traceback" not in err
     assert not (gen / "eval.json").exists() and not (gen / "eval.md").exists()
+
+
+def test_reference_without_domains_is_used_whole_for_every_domain(toy_sets, tmp_path):
+    gen = _copy(toy_sets, tmp_path)
+    plain = shutil.copytree(toy_sets / "ref" / "images", tmp_path / "plain")  # images only: no domains
+    assert eval_cli.main([str(gen), "--reference", str(plain), "--quiet"]) == 0
+    frechet = json.loads((gen / "eval.json").read_text())["frechet_distance"]
+    assert all(ref == {"domain": "all", "num": 8} for ref in frechet["reference_images"].values())
+    assert "(vs all, 8)" in (gen / "eval.md").read_text()
