@@ -1,0 +1,234 @@
+"""l2i-generate / pipelines.dataset: the output is a folder dataset the trainer reads; per-item seeds and fixed chunks
+(1 or 2 processes, killed or not: the same bytes); resume; refusal of another run's folder; named errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from PIL import Image
+
+from layout2image.cli.generate import _SCHEDULERS, main
+from layout2image.core.controlnet import build_controlnet
+from layout2image.core.labels import get_label_set, save_label_map
+from layout2image.core.sampling import SCHEDULERS
+from layout2image.pipelines import LayoutPipeline
+from layout2image.pipelines.dataset import (
+    GenerateError,
+    GenerateSettings,
+    generate_dataset,
+    list_layouts,
+    plan_items,
+    read_prompt_file,
+)
+from layout2image.testing import tiny_unet_config, write_tiny_sd
+from layout2image.weights import WeightsMetadata, save_controlnet
+
+LABELS = get_label_set("toy")
+N = LABELS.num_classes
+SIZE = 16
+STEPS = 2
+SETTINGS = dict(steps=STEPS, chunk_size=2, seed=5, domains={"night": "{caption}, at night", "fog": "{caption}, fog"})
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    base = write_tiny_sd(root / "base", unet=tiny_unet_config(cross_attention_dim=16))
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_pretrained(base / "unet")
+    control = build_controlnet(unet, "onehot", num_classes=N, conditioning_embedding_out_channels=(8, 8))
+    md = WeightsMetadata(kind="controlnet", hint_encoding="onehot", label_set=LABELS, base_model="tiny")
+    adapter = save_controlnet(control, root / "control.safetensors", metadata=md)
+    return {"base": base, "adapter": adapter, "pipe": LayoutPipeline.from_pretrained(base, adapter)}
+
+
+def _dataset(root: Path, num: int = 3, label_set=LABELS) -> Path:
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(num):
+        ids = rng.integers(0, N, size=(SIZE, SIZE))
+        save_label_map(root / "labels" / f"scene_{i}.png", ids, LABELS)
+        Image.new("RGB", (SIZE, SIZE)).save(root / "images" / f"scene_{i}.png") if (root / "images").is_dir() else None
+        lines.append(json.dumps({"file": f"scene_{i}.png", "caption": f"scene number {i}"}))
+    (root / "captions.jsonl").write_text("\n".join(lines) + "\n")
+    label_set.save(root / "labelset.yaml")
+    return root
+
+
+@pytest.fixture
+def data(tmp_path):
+    (tmp_path / "data" / "labels").mkdir(parents=True)
+    (tmp_path / "data" / "images").mkdir()
+    return _dataset(tmp_path / "data")
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_output_is_a_folder_dataset_the_trainer_reads(model, data, tmp_path):
+    from layout2image.trainer.data import FolderDataset, TransformConfig
+
+    out = tmp_path / "out"
+    result = generate_dataset(model["pipe"], data, out, GenerateSettings(**SETTINGS))
+    assert result.complete and result.written == 6 and result.skipped == 0
+    assert sorted(p.name for p in (out / "images").iterdir()) == [
+        f"scene_{i}_{d}.png" for i in range(3) for d in ("fog", "night")
+    ]
+    assert not (out / ".l2i-generate").exists()
+    ds = FolderDataset(out, transform=TransformConfig(resolution=None, resize="none", crop="none", flip_prob=0.0))
+    assert len(ds) == 6
+    sample = ds[0]
+    assert sample["caption"] == "scene number 0, fog" and tuple(sample["labels"].shape) == (SIZE, SIZE)
+    src = np.asarray(Image.open(data / "labels" / "scene_0.png"))
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "labels" / "scene_0_fog.png")), src)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["label_set"] == "toy" and manifest["settings"]["steps"] == STEPS
+    assert [m["path"] for m in manifest["models"]] == [str(model["base"].resolve()), str(model["adapter"].resolve())]
+    assert len(manifest["models"][1]["sha256"]) == 64 and "unet/config.json" in manifest["models"][0]["files"]
+    images = manifest["images"]
+    assert [(r["file"], r["domain"], r["seed"]) for r in images[:3]] == [
+        ("scene_0_night.png", "night", 5),
+        ("scene_0_fog.png", "fog", 6),
+        ("scene_1_night.png", "night", 7),
+    ]
+
+
+def test_two_processes_killed_runs_and_resume_write_the_same_bytes(model, data, tmp_path):
+    settings = GenerateSettings(**SETTINGS)
+    reference = tmp_path / "ref"
+    generate_dataset(model["pipe"], data, reference, settings)
+    expected = _files(reference)
+
+    # Two processes (run one after the other, as accelerate would run them side by side): process 0 cannot finish
+    # alone; once process 1 has done its chunks, process 0's rerun skips everything and writes the final files.
+    sharded = tmp_path / "sharded"
+    first = generate_dataset(model["pipe"], data, sharded, settings, process_index=0, num_processes=2)
+    assert not first.complete and first.written == 4  # chunks 0 and 2 of 0, 1, 2
+    generate_dataset(model["pipe"], data, sharded, settings, process_index=1, num_processes=2)
+    last = generate_dataset(model["pipe"], data, sharded, settings)
+    assert last.complete and last.written == 0 and last.skipped == 6
+    assert _files(sharded) == expected
+
+    # A run killed in the middle of its second chunk (an image of it written), then rerun, equals the reference.
+    class Killed(Exception):
+        pass
+
+    calls = []
+
+    def killing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Killed
+        return model["pipe"](*args, **kwargs)
+
+    killing.label_set, killing.adapter_kind, killing.model_files = (
+        model["pipe"].label_set,
+        model["pipe"].adapter_kind,
+        model["pipe"].model_files,
+    )
+    killed = tmp_path / "killed"
+    with pytest.raises(Killed):
+        generate_dataset(killing, data, killed, settings)
+    assert len(list((killed / "images").iterdir())) == 2 and not (killed / "captions.jsonl").exists()
+    rerun = generate_dataset(model["pipe"], data, killed, settings)
+    assert rerun.skipped == 2 and rerun.written == 4 and rerun.complete
+    assert _files(killed) == expected
+    # A finished run is not redone.
+    again = generate_dataset(model["pipe"], data, killed, settings)
+    assert again.written == 0 and again.complete
+
+
+def test_another_runs_folder_is_refused_unless_overwrite(model, data, tmp_path):
+    out = tmp_path / "out"
+    generate_dataset(model["pipe"], data, out, GenerateSettings(**SETTINGS), limit=1)
+    other = GenerateSettings(**{**SETTINGS, "seed": 6})
+    with pytest.raises(FileExistsError, match="already holds another run's manifest.*--overwrite"):
+        generate_dataset(model["pipe"], data, out, other, limit=1)
+    result = generate_dataset(model["pipe"], data, out, other, limit=1, overwrite=True)
+    assert result.complete and json.loads((out / "manifest.json").read_text())["settings"]["seed"] == 6
+    # A folder with data that no run wrote is refused too.
+    foreign = tmp_path / "foreign"
+    (foreign / "images").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="data that no l2i-generate run wrote"):
+        generate_dataset(model["pipe"], data, foreign, other, limit=1)
+
+
+def test_label_set_mismatch_between_adapter_and_dataset_is_named(model, tmp_path):
+    (tmp_path / "d" / "labels").mkdir(parents=True)
+    data = _dataset(tmp_path / "d", 1, label_set=get_label_set("cityscapes"))
+    with pytest.raises(GenerateError, match=r"label set mismatch.*'cityscapes'.*adapter reads 'toy'"):
+        generate_dataset(model["pipe"], data, tmp_path / "out", GenerateSettings(**SETTINGS))
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_inputs_prompts_and_domains(tmp_path):
+    (tmp_path / "maps").mkdir()
+    for name in ("b", "a"):
+        save_label_map(tmp_path / "maps" / f"{name}.png", np.zeros((SIZE, SIZE), dtype=np.int64), LABELS)
+    layouts, ls_file = list_layouts(tmp_path / "maps")
+    assert [x.stem for x in layouts] == ["a", "b"] and ls_file is None and layouts[0].caption is None
+    (tmp_path / "list.txt").write_text("maps/b.png\n# a comment\nmaps/a.png\n")
+    assert [x.stem for x in list_layouts(tmp_path / "list.txt")[0]] == ["a", "b"]
+    (tmp_path / "bad.txt").write_text("maps/c.png\n")
+    with pytest.raises(GenerateError, match="line 1: label map .*c.png' does not exist"):
+        list_layouts(tmp_path / "bad.txt")
+    (tmp_path / "empty.txt").write_text("# nothing listed\n")
+    with pytest.raises(GenerateError, match="holds no label maps"):
+        list_layouts(tmp_path / "empty.txt")
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("# domains\nnight\ndusk: {caption} at dusk, {domain} light\n")
+    templates = read_prompt_file(prompts)
+    assert templates == {"night": "{caption}, at night", "dusk": "{caption} at dusk, {domain} light"}
+    prompts.write_text("x: {caption} {what}\n")
+    with pytest.raises(GenerateError, match="line 1: template .* is not valid"):
+        read_prompt_file(prompts)
+
+    from layout2image.pipelines.dataset import Layout, domain_templates
+
+    toy = Layout("t", Path("t.png"), "a street on a sunny day with a car", "day")
+    items = plan_items([toy], [toy.caption], domain_templates(["night", "rain"]), samples=2, seed=10)
+    assert [(i.id, i.prompt, i.seed) for i in items] == [
+        ("t_night_0", "a street at night with a car", 10),  # the toy caption's own domain phrase is replaced
+        ("t_night_1", "a street at night with a car", 11),
+        ("t_rain_0", "a street in the rain with a car", 12),
+        ("t_rain_1", "a street in the rain with a car", 13),
+    ]
+
+
+def test_cli_runs_and_reports_bad_input_in_one_line(model, data, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--base", str(model["base"]), "--adapter", str(model["adapter"]), "--input", str(data), "--out", str(out)]
+    assert main([*argv, "--steps", "1", "--limit", "1", "--domains", "snow", "--scheduler", "euler_a"]) == 0
+    assert "1 images generated" in capsys.readouterr().out
+    captions = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert captions == [
+        {"file": "scene_0_snow.png", "caption": "scene number 0, in heavy snow", "domain": "snow",
+         "source": "scene_0", "sample": 0, "seed": 0}
+    ]  # fmt: skip
+    assert main([*argv, "--steps", "2", "--limit", "1", "--domains", "snow", "--scheduler", "euler_a"]) == 2
+    err = capsys.readouterr().err.strip()  # refused before any model is loaded: one line, nothing else
+    assert err.startswith("l2i-generate: error: --out") and "another run's manifest (settings differ: steps)" in err
+    assert "\n" not in err
+    bad = [
+        "--base",
+        str(model["base"]),
+        "--adapter",
+        str(tmp_path / "no"),
+        "--input",
+        str(data),
+        "--out",
+        str(tmp_path / "o2"),
+    ]
+    assert main(bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("l2i-generate: error: adapter") and "does not exist" in err
+    assert main([*argv[:-1], str(tmp_path / "o3"), "--scheduler", "nope"]) == 2
+    assert "scheduler 'nope' is not known" in capsys.readouterr().err
+    assert set(_SCHEDULERS) == set(SCHEDULERS)
