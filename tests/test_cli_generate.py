@@ -232,3 +232,27 @@ def test_cli_runs_and_reports_bad_input_in_one_line(model, data, tmp_path, capsy
     assert main([*argv[:-1], str(tmp_path / "o3"), "--scheduler", "nope"]) == 2
     assert "scheduler 'nope' is not known" in capsys.readouterr().err
     assert set(_SCHEDULERS) == set(SCHEDULERS)
+
+
+def test_two_real_processes_write_the_same_bytes_as_one(model, data, tmp_path):
+    """torchrun with 2 CPU processes (gloo; what `accelerate launch --multi_gpu --num_processes 2` starts on a machine
+    without GPUs) shards the chunks and writes the same files as one process."""
+    import os
+    import subprocess
+    import sys
+
+    args = ["--base", str(model["base"]), "--adapter", str(model["adapter"]), "--input", str(data), "--steps", "2"]
+    args += ["--domains", "night", "fog", "--chunk-size", "1", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    run = subprocess.run(
+        [*cmd, "-m", "layout2image.cli.generate", *args, "--out", str(tmp_path / "two")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "of 2)" in run.stdout  # process 0 reports the process count it shared the work with
+    assert _files(tmp_path / "two") == _files(tmp_path / "one")
