@@ -18,9 +18,9 @@ from ..core.labels import LabelSet
 from ..core.metrics import MeanIoU, error_map
 from ..core.segmenters import Segmenter, SegmenterError, class_rows, load_segmenter, segment
 from .model_files import clean_path_input
-from .types import LabelMap, LabelMapType
+from .types import LabelMap, LabelMapType, LabelSetType
 
-__all__ = ["NODES", "L2ILayoutAlignment", "SegmenterError", "segment_to_label_set"]
+__all__ = ["NODES", "L2ILayoutAlignment", "L2ISegmentImage", "SegmenterError", "segment_to_label_set"]
 
 CATEGORY = "layout2image/evaluation"
 INPUT_NORM_OPTIONS = ("auto", "imagenet", "half")
@@ -160,4 +160,63 @@ class L2ILayoutAlignment(io.ComfyNode):
         return io.NodeOutput(miou, table, heat)
 
 
-NODES = [L2ILayoutAlignment]
+class L2ISegmentImage(io.ComfyNode):
+    """Turn a photo into a label map with a segmenter: how most users start, from a photo rather than a painting."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="L2ISegmentImage",
+            display_name="Label Map from Image (segmenter)",
+            category="layout2image/label maps",
+            description=(
+                "Segment each IMAGE with a local transformers segmentation model (SegFormer/UperNet folder, or "
+                "builtin:toy) into a label map of the label set, at the image's size. The segmenter's class names "
+                "must cover the label set's; only those classes are predicted."
+            ),
+            inputs=[
+                io.Image.Input("image", tooltip="Photo(s), (B, H, W, 3) in [0, 1]; one label map per image."),
+                LabelSetType.Input(
+                    "label_set", tooltip="The classes of the label map (matched to the segmenter by name)."
+                ),
+                io.String.Input(
+                    "segmenter_path",
+                    default="builtin:toy",
+                    tooltip=(
+                        "Local folder of a transformers semantic-segmentation model (config.json with id2label "
+                        "naming the label set's classes), or builtin:toy; loaded offline."
+                    ),
+                ),
+                io.Combo.Input(
+                    "input_norm",
+                    options=list(INPUT_NORM_OPTIONS),
+                    default="auto",
+                    tooltip=(
+                        "Pixel normalisation the segmenter expects: 'auto' reads the folder's "
+                        "preprocessor_config.json (ImageNet if absent); 'imagenet'; 'half' ((x - 0.5) / 0.5)."
+                    ),
+                ),
+            ],
+            outputs=[LabelMapType.Output("label_map", tooltip="The predicted label map, one per image.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, segmenter_path: str = "", **kwargs):
+        return L2ILayoutAlignment.fingerprint_inputs(segmenter_path=segmenter_path)
+
+    @classmethod
+    def execute(
+        cls, image: torch.Tensor, label_set: LabelSet, segmenter_path: str = "builtin:toy", input_norm: str = "auto"
+    ) -> io.NodeOutput:
+        if input_norm not in INPUT_NORM_OPTIONS:
+            raise SegmenterError(f"`input_norm` {input_norm!r} is not known; use one of {list(INPUT_NORM_OPTIONS)}")
+        if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] < 3:
+            got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+            raise SegmenterError(f"`image` must be a ComfyUI IMAGE (B, H, W, 3), got {got}")
+        seg = _segmenter(segmenter_path, input_norm)
+        size = (int(image.shape[1]), int(image.shape[2]))
+        pred = segment_to_label_set(seg.model, image, label_set, size, seg.input_norm, where=str(seg.folder))
+        return io.NodeOutput(LabelMap(pred, label_set))
+
+
+NODES = [L2ILayoutAlignment, L2ISegmentImage]
