@@ -41,9 +41,9 @@ NOT_COMPUTED = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Score a folder-format dataset (images/, labels/, labelset.yaml; domains from manifest.json or "
-        "captions.jsonl): layout mIoU of a segmenter per class and per domain, and optionally a Fréchet distance "
-        "on the segmenter's features against a reference folder. Writes eval.json and eval.md.",
+        description="Score a folder-format dataset (images/, labels/, labelset.yaml; domains from manifest.json\n"
+        "or captions.jsonl): layout mIoU of a segmenter per class and per domain, and optionally a Fréchet\n"
+        "distance on the segmenter's features against a reference folder. Writes eval.json and eval.md.",
         epilog=__doc__.split("Examples::", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

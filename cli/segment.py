@@ -24,7 +24,7 @@ PROG = "l2i-segment"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Segment photos into label maps (palette PNGs of class ids) with a local transformers "
+        description="Segment photos into label maps (palette PNGs of class ids) with a local transformers\n"
         "SegFormer/UperNet folder or builtin:toy; the segmenter's classes are matched to the label set by name.",
         epilog=__doc__.split("Examples::", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
