@@ -473,6 +473,34 @@ def test_import_official_checkpoint(tmp_path, models, official):
         load_companion_table(result.controlnet_path)
 
 
+def test_companion_table_is_found_after_both_files_are_renamed(tmp_path, official):
+    """A trainer export (``controlnet.safetensors`` recording ``controlnet.table.safetensors``) put in ComfyUI's
+    models/controlnet under another name, as templates name it: ``<name>.table.safetensors`` is the table; another
+    ControlNet's table under that name is still refused, and with none the error names both places looked at."""
+    root = official["root"]
+    result = import_aldm_checkpoint(
+        official["ckpt"],
+        tmp_path / "export" / "controlnet.safetensors",
+        label_set="toy",
+        class_embeddings=root / "class_embeddings.pth",
+        null_embedding=root / "null_embedding.pth",
+    )
+    assert load_controlnet_file(result.controlnet_path).metadata.extra["table_file"] == "controlnet.table.safetensors"
+    models_dir = tmp_path / "models" / "controlnet"
+    models_dir.mkdir(parents=True)
+    renamed = result.controlnet_path.rename(models_dir / "l2i_aldm_toy.safetensors")
+    table = result.table_path.rename(models_dir / "l2i_aldm_toy.table.safetensors")
+    assert torch.equal(load_companion_table(renamed, LABELS).table, official["table"])
+    torch.save(torch.randn(N, EMBED), tmp_path / "other_classes.pth")
+    other = load_official_class_embeddings(tmp_path / "other_classes.pth", root / "null_embedding.pth")
+    save_class_embedding_table(table, other, LABELS)
+    with pytest.raises(MetadataError, match="is not the table"):
+        load_companion_table(renamed)
+    table.unlink()
+    with pytest.raises(WeightsFileError, match="controlnet.table.safetensors' or .*l2i_aldm_toy.table.safetensors"):
+        load_companion_table(renamed)
+
+
 def test_import_refuses_what_does_not_fit(tmp_path, models, official, lightning_checkpoint):
     root = official["root"]
     kwargs = dict(class_embeddings=root / "class_embeddings.pth", null_embedding=root / "null_embedding.pth")

@@ -197,8 +197,10 @@ def read_control_model(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 def load_companion_table(controlnet_path: str | os.PathLike, label_set: LabelSet | None = None) -> ClassEmbeddingTable:
     """The class-embedding table that belongs to an ALDM-native ControlNet file or folder.
 
-    The table is the file the ControlNet's metadata names (``l2i.table_file``, in the same folder), else
-    `table_path_for` it. When the ControlNet records ``l2i.table_fingerprint`` the table must match it.
+    The table is the file the ControlNet's metadata names (``l2i.table_file``, in the same folder) where that file
+    exists, else `table_path_for` it (``<name>.table.safetensors``: both files renamed, e.g. a trainer export's
+    ``controlnet.safetensors`` + ``controlnet.table.safetensors`` put in ComfyUI as ``x.safetensors`` +
+    ``x.table.safetensors``). When the ControlNet records ``l2i.table_fingerprint`` the table must match it.
 
     Raises:
         WeightsFileError: no table file where it should be.
@@ -209,10 +211,14 @@ def load_companion_table(controlnet_path: str | os.PathLike, label_set: LabelSet
     raw = read_safetensors_header(header_path).metadata if sniff_file_format(header_path) == "safetensors" else {}
     metadata = WeightsMetadata.from_safetensors(raw, source=str(path)) if has_l2i_metadata(raw) else None
     name = metadata.extra.get("table_file") if metadata is not None else None
-    table_path = path.with_name(name) if name else table_path_for(path)
-    if not table_path.is_file():
+    # the name recorded at export, else <name>.table.safetensors: a user who renames both files (as models/controlnet
+    # wants, docs/COMFYUI.md) keeps a working pair; the fingerprint below still refuses another ControlNet's table
+    candidates = list(dict.fromkeys([*([path.with_name(name)] if name else []), table_path_for(path)]))
+    table_path = next((c for c in candidates if c.is_file()), None)
+    if table_path is None:
+        where = " or ".join(repr(str(c)) for c in candidates)
         raise WeightsFileError(
-            f"no class-embedding table for {str(path)!r} at {str(table_path)!r}; an ALDM-native ControlNet needs the "
+            f"no class-embedding table for {str(path)!r} at {where}; an ALDM-native ControlNet needs the "
             "(N + 1, D) table it was trained with: put it there or load it with load_class_embedding_table"
         )
     table = load_class_embedding_table(table_path, label_set)
