@@ -116,11 +116,18 @@ def run_measured(cmd, *, log: Path, cwd=None, env=None) -> tuple[float, float]:
     return seconds, usage.ru_maxrss / 2**20
 
 
+def run_stage(
+    stage: str, work: Path, comfyui: Path, log: Path, *, comfy: bool = False, extra=()
+) -> tuple[float, float]:
+    """Run a stage of this script in a fresh process (so its peak RSS is its own); ``comfy``: in ComfyUI's folder."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", stage, "--work", str(work)]
+    cmd += ["--comfyui", str(comfyui), *extra]
+    return run_measured(cmd, log=log, cwd=str(comfyui) if comfy else None, env=os.environ.copy())
+
+
 def self_stage(stage: str, args, log: Path, *, comfy: bool = False) -> tuple[float, float]:
-    """Run a stage of this script in a fresh process (so its peak RSS is its own)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", stage, "--work", str(args.work)]
-    cmd += ["--comfyui", str(args.comfyui), "--steps", str(args.steps), "--size", str(args.size)]
-    return run_measured(cmd, log=log, cwd=str(args.comfyui) if comfy else None, env=os.environ.copy())
+    extra = ["--steps", str(args.steps), "--size", str(args.size)]
+    return run_stage(stage, args.work, args.comfyui, log, comfy=comfy, extra=extra)
 
 
 def proc_mem_gb(pid: int) -> float:
@@ -209,7 +216,36 @@ def l2i_command(name: str) -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", f"layout2image.cli.{name.split('-')[1]}"]
 
 
-def train_overrides(work: Path, train_size: int, run: str) -> list[str]:
+def ensure_base(work: Path, comfyui: Path, timings: dict) -> Path:
+    """Stage 1 where its outputs are missing (``base/``, then the ldm checkpoint); returns the checkpoint's path.
+    Also used by ``benchmarks/sd15_template_models.py``."""
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    if not (work / "base" / "model_index.json").is_file():
+        timings["random SD 1.5-shaped diffusers folder"] = run_stage("base", work, comfyui, work / "logs" / "base.log")
+    checkpoint = work / "comfy" / "models" / "checkpoints" / CKPT_NAME
+    if not checkpoint.is_file():
+        timings["ldm checkpoint via ComfyUI"] = run_stage(
+            "checkpoint", work, comfyui, work / "logs" / "checkpoint.log", comfy=True
+        )
+    return checkpoint
+
+
+def ensure_run(work: Path, run: str, settings: list[str], *, data: Path, train_size: int, timings: dict) -> Path:
+    """A 1-step ``l2i-train`` run on ``base/`` into ``runs/<run>`` unless its export is there; ``settings``: the
+    run's own ``--set`` overrides (mode, hint, ...). Returns the export folder."""
+    folder = work / "runs" / run
+    if not (folder / "export" / "manifest.json").is_file():
+        shutil.rmtree(folder, ignore_errors=True)
+        cmd = [*l2i_command("l2i-train"), "--data", str(data), "--output", str(folder), "--set"]
+        cmd += train_overrides(work, train_size, settings)
+        (work / "logs" / f"train_{run}.cmd").write_text(" ".join(map(str, cmd)) + "\n")
+        timings[f"l2i-train {run} (1 step + export)"] = run_measured(
+            cmd, log=work / "logs" / f"train_{run}.log", env=os.environ.copy()
+        )
+    return folder / "export"
+
+
+def train_overrides(work: Path, train_size: int, settings: list[str]) -> list[str]:
     return [
         f"model.pretrained={work / 'base'}",
         "model.base_model_name=random/sd15-shaped",
@@ -230,7 +266,7 @@ def train_overrides(work: Path, train_size: int, run: str) -> list[str]:
         f"data.transform.resolution={train_size}",
         "export.controlnet_formats=[diffusers-folder, diffusers, ldm]",
         "export.discriminator=false",
-        *RUNS[run],
+        *settings,
     ]
 
 
@@ -732,30 +768,15 @@ def main(argv=None) -> int:
     timings: dict[str, tuple[float, float] | str] = {}
     report: dict = {}
     problems: list[str] = []
-    env = os.environ.copy()
     try:
-        if not (work / "base" / "model_index.json").is_file():
-            timings["random SD 1.5-shaped diffusers folder"] = self_stage("base", args, work / "logs" / "base.log")
-        if not (work / "comfy" / "models" / "checkpoints" / CKPT_NAME).is_file():
-            timings["ldm checkpoint via ComfyUI"] = self_stage(
-                "checkpoint", args, work / "logs" / "checkpoint.log", comfy=True
-            )
+        ensure_base(work, args.comfyui, timings)
         if not (work / "data" / "labelset.yaml").is_file():
             cmd = [*l2i_command("l2i-toy"), "--out", str(work / "data"), "--num", "4", "--size", str(args.train_size)]
             timings["l2i-toy dataset"] = run_measured(
                 [*cmd, "--preview-rows", "0", "--quiet"], log=work / "logs" / "toy.log"
             )
-        for run in RUNS:
-            folder = work / "runs" / run
-            if (folder / "export" / "manifest.json").is_file():
-                continue
-            shutil.rmtree(folder, ignore_errors=True)
-            cmd = [*l2i_command("l2i-train"), "--data", str(work / "data"), "--output", str(folder), "--set"]
-            cmd += train_overrides(work, args.train_size, run)
-            (work / "logs" / f"train_{run}.cmd").write_text(" ".join(map(str, cmd)) + "\n")
-            timings[f"l2i-train {run} (1 step + export)"] = run_measured(
-                cmd, log=work / "logs" / f"train_{run}.log", env=env
-            )
+        for run, settings in RUNS.items():
+            ensure_run(work, run, settings, data=work / "data", train_size=args.train_size, timings=timings)
         for run in RUNS:
             manifest = json.loads((work / "runs" / run / "export" / "manifest.json").read_text())
             report[f"export {run}"] = manifest["files"]

@@ -7,6 +7,19 @@ combo choices, ranges) with placeholder files under the model names they use, an
 loader (running them needs real SD 1.5 files). A screenshot of each template is saved (``L2I_SCREENSHOTS`` or
 the test's temporary folder).
 
+Heavy mode, with ``L2I_SD15_SHAPED=1`` as well (the gate of tests/test_stock_loaders.py; minutes and ~10 GB of RAM):
+01-05 also run to an image, on SD 1.5-shaped random models in place of real weights.
+``benchmarks/sd15_template_models.py`` builds them with the project's own code (a random SD 1.5-shaped checkpoint
+written by ComfyUI, then 1-step ``l2i-train`` runs on an ADE20K-labelled toy dataset: a palette-RGB ControlNet, an
+ALDM-native class-embedding ControlNet with its table, an SDM-LoRA with its SPADE companion) into ``L2I_SD15_WORK``
+(default: a temporary folder; reused, so a rerun skips the build), and they are linked into ComfyUI's models
+folders under the names the templates use instead of the placeholders. After the frontend's graph-to-prompt, and
+only in the API prompt that is queued, the work is shrunk so that each template runs in about a minute on a CPU
+(`SHRINK`: KSampler / BasicScheduler ``steps`` 1, EmptyLatentImage 64 x 64, batch 1); the template's layout, nodes,
+links and every other value are what the frontend gave. Checked: the prompt succeeds, every Save Image node writes
+64 x 64 RGB images, and ComfyUI's log (``--verbose DEBUG``) for that prompt has no traceback and no key message
+(``benchmarks/stock_loaders.py``'s ``COMFY_BAD_LINES``: ``lora key not loaded``, ``missing controlnet keys``, ...).
+
 Gated: ``COMFYUI_PATH`` must name a ComfyUI checkout whose Python (the one running pytest) has ComfyUI's
 requirements, the frontend package and Playwright for Python, and Debian's ``chromium`` must be installed
 (``tests/real_clients/setup_comfyui.sh`` sets all of this up; docs/COMFYUI.md). Playwright's own browser download
@@ -15,6 +28,7 @@ requirements, the frontend package and Playwright for Python, and Debian's ``chr
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -48,6 +62,14 @@ CHROMIUM_FLAGS = (
     "--disable-quic",
     "--disable-sync",
 )
+#: Heavy mode: 01-05 run to an image on SD 1.5-shaped random models (module docstring).
+HEAVY = bool(os.environ.get("COMFYUI_PATH")) and os.environ.get("L2I_SD15_SHAPED") == "1"
+#: Heavy mode: the inputs set in the queued API prompt, per node type, so that a template runs in about a minute.
+SHRINK = {
+    "KSampler": {"steps": 1},
+    "BasicScheduler": {"steps": 1},
+    "EmptyLatentImage": {"width": 64, "height": 64, "batch_size": 1},
+}
 #: The model folders and the loaders whose file-name combos name them (placeholders are written there).
 MODEL_INPUTS = {
     "CheckpointLoaderSimple": ("checkpoints", "ckpt_name"),
@@ -94,7 +116,17 @@ def _layout_images(folder: Path) -> None:
     ids[120:330, 380:470] = ade.names.index("tree")
     ids[380:470, 60:200] = ade.names.index("car")
     Image.fromarray(np.asarray(ade.palette, np.uint8)[ids]).save(folder / "l2i_layout_ade20k.png")
-    Image.fromarray(ids).save(folder / "l2i_layout_ids.png")
+    # the id file is read by template 02 only, against the label set its Label Set node makes from class names
+    (class_names,) = (
+        node["inputs"]["class_names"]
+        for node in json.loads((GRAPHS / "02_aldm_native_class_embeddings.json").read_text(encoding="utf-8")).values()
+        if node["class_type"] == "L2ILabelSet"
+    )
+    to_02 = np.zeros(256, np.uint8)
+    for i, name in enumerate(class_names.splitlines()):
+        if name in ade.names:
+            to_02[ade.names.index(name)] = i
+    Image.fromarray(to_02[ids]).save(folder / "l2i_layout_ids.png")
 
 
 def _placeholders(base: Path) -> None:
@@ -107,6 +139,32 @@ def _placeholders(base: Path) -> None:
                 (base / "models" / folder / node["inputs"][key]).touch()
 
 
+def _stock_loaders():
+    """``benchmarks/stock_loaders.py`` (a script, not a package) as a module: its log checks."""
+    spec = importlib.util.spec_from_file_location("l2i_stock_loaders", ROOT / "benchmarks" / "stock_loaders.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sd15_models(base: Path, tmp: Path) -> None:
+    """Heavy mode: build (or reuse) the SD 1.5-shaped files and link them under the names 01-05 use."""
+    work = Path(os.environ.get("L2I_SD15_WORK") or tmp / "sd15_work").resolve()
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "sd15_template_models.py"), "--work", str(work)]
+    cmd += ["--comfyui", str(Path(os.environ["COMFYUI_PATH"]).resolve())]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    files = json.loads((work / "template_models.json").read_text(encoding="utf-8"))
+    for name in TEMPLATES:
+        for node in json.loads((GRAPHS / f"{name}.json").read_text(encoding="utf-8")).values():
+            if node["class_type"] in MODEL_INPUTS:
+                folder, key = MODEL_INPUTS[node["class_type"]]
+                assert f"{folder}/{node['inputs'][key]}" in files, f"no SD 1.5-shaped file for {name}: {node}"
+    for rel, target in files.items():
+        (base / "models" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (base / "models" / rel).symlink_to(target)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """A real ComfyUI (``--cpu``) serving its frontend, with the pack linked into a fresh custom_nodes folder."""
@@ -116,15 +174,22 @@ def server(tmp_path_factory):
     (base / "custom_nodes" / "layout2image").symlink_to(ROOT, target_is_directory=True)
     (base / "input").mkdir()
     _layout_images(base / "input")
-    _placeholders(base)
+    if HEAVY:
+        _sd15_models(base, tmp)
+    else:
+        _placeholders(base)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port)]
     cmd += ["--base-directory", str(base), "--disable-auto-launch", "--disable-api-nodes"]
     cmd += ["--database-url", "sqlite:///:memory:"]
+    env = None
+    if HEAVY:  # key messages are logged at DEBUG; each prompt's log is read as soon as it finishes
+        cmd += ["--verbose", "DEBUG"]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log = tmp / "comfyui.log"
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=Path(os.environ["COMFYUI_PATH"]).resolve(), stdout=out, stderr=out)
+        proc = subprocess.Popen(cmd, cwd=Path(os.environ["COMFYUI_PATH"]).resolve(), stdout=out, stderr=out, env=env)
     try:
         deadline = time.monotonic() + 240
         while True:
@@ -213,6 +278,46 @@ def _overlaps(rects) -> list[str]:
     return out
 
 
+def _shrink(prompt: dict) -> dict:
+    """A copy of an API prompt with the `SHRINK` inputs set (heavy mode: one step at 64 x 64)."""
+    prompt = copy.deepcopy(prompt)
+    for node in prompt.values():
+        for key, value in SHRINK.get(node["class_type"], {}).items():
+            assert not isinstance(node["inputs"][key], list), (node, key)  # a widget value, not a link
+            node["inputs"][key] = value
+    return prompt
+
+
+def _run_on_sd15_shaped_models(server, name: str, prompt: dict, workflow: dict) -> None:
+    """Heavy mode: queue the shrunk prompt; it must write 64 x 64 images with a clean log."""
+    from PIL import Image
+
+    small = _shrink(prompt)
+    assert {n["class_type"] for n in small.values()} & set(SHRINK), "nothing to shrink: the test would take hours"
+    start = server["log"].stat().st_size
+    queued = http_json(
+        f"{server['url']}/prompt",
+        {"prompt": small, "client_id": "l2i-frontend-test", "extra_data": {"extra_pnginfo": {"workflow": workflow}}},
+    )
+    assert queued.get("node_errors") == {}, queued
+    entry = _wait_for_history(server, queued["prompt_id"], timeout=1200.0)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[-3000:]
+    # one image per sampler (batch 1 each; 05 batches its four samplers' images into one Save Image)
+    samplers = sum(v["class_type"] in ("KSampler", "SamplerCustomAdvanced") for v in small.values())
+    saved = [i for k, v in small.items() if v["class_type"] == "SaveImage" for i in entry["outputs"][k]["images"]]
+    assert samplers and len(saved) == samplers, (samplers, saved)
+    for image in saved:
+        with Image.open(server["base"] / "output" / image["subfolder"] / image["filename"]) as img:
+            assert img.size == (64, 64) and img.mode == "RGB", (image, img.size, img.mode)
+            assert np.asarray(img).std() > 2.0, f"{image['filename']} is flat (non-finite latents decode flat)"
+    time.sleep(1.0)  # the last lines of the prompt's log
+    with server["log"].open("rb") as f:
+        f.seek(start)
+        text = f.read().decode("utf-8", "replace")
+    bad = _stock_loaders().bad_comfy_lines(text, prompt_marker="got prompt")
+    assert "got prompt" in text and bad == [], f"{name}: ComfyUI logged:\n" + "\n".join(bad[:20])
+
+
 def _wait_for_history(server, prompt_id: str, timeout: float = 600.0) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -227,7 +332,9 @@ def _wait_for_history(server, prompt_id: str, timeout: float = 600.0) -> dict:
 @pytest.mark.parametrize("name", TEMPLATES)
 def test_template_loads_in_the_real_frontend_and_passes_validation(name, server, page, screens):
     """Load -> the frontend shows every node, in the layout the template gives (no node covering another, image
-    previews included), and its graph-to-prompt gives our API graph exactly; the prompt passes validation."""
+    previews included), and its graph-to-prompt gives our API graph exactly; the prompt passes validation.
+    06 runs to an image; 01-05 stop at their first model loader (placeholder files), or, in heavy mode, run to an
+    image on SD 1.5-shaped random models with the prompt shrunk to one step at 64 x 64 (`SHRINK`)."""
     workflow = json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))
     got = page.evaluate(_LOAD, workflow)
     page.wait_for_timeout(300)
@@ -244,6 +351,9 @@ def test_template_loads_in_the_real_frontend_and_passes_validation(name, server,
         # every value as the frontend read it from widgets_values (a shifted widget shows up here)
         assert prompt[node_id]["inputs"] == node["inputs"], (node_id, node["class_type"], got["widgets"][node_id])
 
+    if HEAVY and name != TOY:  # the full-size prompt would take hours on a CPU: it is validated and run shrunk
+        _run_on_sd15_shaped_models(server, name, prompt, got["workflow"])
+        return
     queued = http_json(
         f"{server['url']}/prompt",
         {
