@@ -18,7 +18,8 @@ item and chunk only, never on the number of processes, so 1 or N processes write
 
 **Resume.** A chunk is finished when its record ``.l2i-generate/chunk_<c>.json`` exists (written atomically after
 its images and labels, which are written atomically too); a rerun with the same settings skips finished chunks and
-redoes the others, so a killed run loses at most the chunks in flight. When every chunk is done the main process
+redoes the others, so a killed run loses at most the chunks in flight (its leftover temporary files are deleted on
+the rerun). When every chunk is done the main process
 writes ``captions.jsonl`` and the full manifest and removes ``.l2i-generate/``. The manifest written at the start
 holds the run's key (a hash of settings, model hashes and the planned items); an output folder holding another
 run's manifest, or data without one, is refused unless ``overwrite`` (which deletes what the earlier run wrote).
@@ -395,6 +396,16 @@ def _label_png_bytes(ids, label_set: LabelSet) -> bytes:
         return path.read_bytes()
 
 
+def _remove_stale_temps(out: Path) -> None:
+    """Delete the temporary files a killed run left (``core.files.atomic_path`` names them ``.<name>.<random>.tmp``
+    beside their target); only called on a folder that holds this same run, before any process writes."""
+    for folder in (out, out / "images", out / "labels", out / WORK_DIR):
+        if folder.is_dir():
+            for tmp in folder.glob(".*.tmp"):
+                if tmp.is_file():
+                    tmp.unlink()
+
+
 def _chunk_path(out: Path, c: int) -> Path:
     return out / WORK_DIR / f"chunk_{c:06d}.json"
 
@@ -530,6 +541,8 @@ def generate_dataset(
     main = process_index == 0
     if main:
         resuming = check_output_folder(out, run_key, overwrite=overwrite)
+        if resuming:
+            _remove_stale_temps(out)
         if resuming and json.loads((out / MANIFEST).read_text(encoding="utf-8")).get("complete"):
             logger.info("%s already holds this run, complete (%d images)", out, len(items))
         else:

@@ -256,3 +256,34 @@ def test_two_real_processes_write_the_same_bytes_as_one(model, data, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     assert "of 2)" in run.stdout  # process 0 reports the process count it shared the work with
     assert _files(tmp_path / "two") == _files(tmp_path / "one")
+
+
+def test_a_run_killed_with_sigkill_then_rerun_equals_an_uninterrupted_run(model, data, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["--base", str(model["base"]), "--adapter", str(model["adapter"]), "--input", str(data), "--steps", "8"]
+    args += ["--domains", "night", "fog", "--samples", "3", "--chunk-size", "1", "--device", "cpu", "--threads", "1"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "layout2image.cli.generate", *args, "--out", str(killed)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not (killed / ".l2i-generate" / "chunk_000001.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    manifest = json.loads((killed / "manifest.json").read_text())
+    assert not manifest["complete"], "the run finished before the kill: give it more work"
+    assert main([*args, "--out", str(killed)]) == 0
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    assert _files(killed) == _files(tmp_path / "whole")
