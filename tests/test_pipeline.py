@@ -191,3 +191,30 @@ def test_aldm_without_its_table_is_a_named_error(models, tmp_path):
     shutil.copy(models["aldm"], tmp_path / "aldm.safetensors")
     with pytest.raises(PipelineError, match="needs its class-embedding table.*aldm.table.safetensors"):
         LayoutPipeline.from_pretrained(models["base"], tmp_path / "aldm.safetensors")
+
+
+def _trainer_models_test_helpers():
+    """The tiny single-file (ldm layout) writer of tests/test_trainer_models.py, loaded from its file."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).with_name("test_trainer_models.py")
+    spec = importlib.util.spec_from_file_location("_l2i_trainer_models_helpers", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_single_sd1x_file_base(tmp_path):
+    helpers = _trainer_models_test_helpers()
+    unet, vae, text = helpers._tiny_models()
+    configs = tmp_path / "configs"
+    helpers._write_configs(configs, unet, vae, text)
+    tiny = {"unet": unet, "vae": vae, "text_encoder": text}
+    base = helpers._save(helpers._ldm_checkpoint(tiny), tmp_path / "tiny-sd15.safetensors")
+    control = build_controlnet(unet, "onehot", num_classes=N, **STANDARD)
+    adapter = save_controlnet(control, tmp_path / "control.safetensors", metadata=_md("onehot"))
+    pipe = LayoutPipeline.from_pretrained(base, adapter, config_dir=configs, scheduler="unipc")
+    assert pipe.bundle.source_kind == "single_file" and pipe.model_files[0] == base
+    out = pipe(_labels(0, 1), "a photo", num_inference_steps=2, seed=0)
+    assert out.images[0].size == (W, H)
