@@ -109,18 +109,23 @@ def _generate(args: argparse.Namespace) -> int:
         torch_dtype=args.dtype,
         scheduler=args.scheduler,
     )
-    result = generate_dataset(
-        pipe,
-        args.input,
-        args.out,
-        settings,
-        overwrite=args.overwrite,
-        limit=args.limit,
-        process_index=state.process_index,
-        num_processes=state.num_processes,
-        barrier=state.wait_for_everyone if state.num_processes > 1 else None,
-        progress=True,
-    )
+    try:
+        result = generate_dataset(
+            pipe,
+            args.input,
+            args.out,
+            settings,
+            overwrite=args.overwrite,
+            limit=args.limit,
+            process_index=state.process_index,
+            num_processes=state.num_processes,
+            barrier=state.wait_for_everyone if state.num_processes > 1 else None,
+            progress=True,
+        )
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(
+            f"the finished chunks in {args.out} are kept; rerun the same command to go on from there"
+        ) from None
     if state.is_main_process:
         log = get_logger("layout2image.cli.generate")
         msg = (

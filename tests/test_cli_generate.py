@@ -287,3 +287,17 @@ def test_a_run_killed_with_sigkill_then_rerun_equals_an_uninterrupted_run(model,
     assert main([*args, "--out", str(killed)]) == 0
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
     assert _files(killed) == _files(tmp_path / "whole")
+
+
+def test_ctrl_c_says_what_is_kept(model, data, tmp_path, monkeypatch):
+    import layout2image.pipelines.dataset as dataset
+    from layout2image.cli.generate import _generate, build_parser
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dataset, "generate_dataset", interrupted)
+    argv = ["--base", str(model["base"]), "--adapter", str(model["adapter"]), "--input", str(data)]
+    args = build_parser().parse_args([*argv, "--out", str(tmp_path / "out")])
+    with pytest.raises(KeyboardInterrupt, match="finished chunks in .*out are kept; rerun the same command"):
+        _generate(args)
