@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 
@@ -34,6 +35,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def run_reporting_errors(prog: str, command: Callable[[], int | None]) -> int:
     """Run ``command``; bad input becomes one line ``<prog>: error: <message>`` on stderr and exit status 2.
 
+    Ctrl-C (KeyboardInterrupt) becomes ``<prog>: interrupted`` (plus the exception's message, which says what was
+    kept, if any) and exit status 130; a closed stdout pipe (BrokenPipeError) ends quietly with status 141.
+
     Args:
         prog (`str`): the console script's name, e.g. ``"l2i-labels"``.
         command (`Callable[[], int | None]`): the work; its return value is the exit status (None means 0).
@@ -43,6 +47,21 @@ def run_reporting_errors(prog: str, command: Callable[[], int | None]) -> int:
     """
     try:
         status = command()
+    except KeyboardInterrupt as e:
+        # Ctrl-C is the user's choice, not a bug: one line, no traceback, the shell's 128 + SIGINT. A command
+        # that kept something (a checkpoint, the samples written so far) says so in the exception's message.
+        kept = " ".join(str(e).split())
+        print(f"{prog}: interrupted" + (f"; {kept}" if kept else ""), file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader went away (``l2i-convert inspect x | head``): stop quietly as Unix tools do. Point stdout at
+        # /dev/null so that the interpreter's final flush does not print "Exception ignored ... BrokenPipeError".
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):  # pragma: no cover - stdout without a file descriptor
+            pass
+        return 141
     except _user_errors() as e:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"{prog}: error: {message}", file=sys.stderr)

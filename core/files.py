@@ -14,7 +14,14 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "default_file_mode", "save_safetensors_atomic"]
+__all__ = [
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "default_file_mode",
+    "make_parent",
+    "save_safetensors_atomic",
+]
 
 
 def default_file_mode() -> int:
@@ -39,6 +46,25 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def make_parent(path: str | os.PathLike) -> None:
+    """Create the folder of ``path`` (and its parents) if missing.
+
+    Raises:
+        NotADirectoryError: a component of that folder is a file (mkdir would say "File exists: <that file>",
+            which reads as if the output itself existed).
+    """
+    parent = Path(path).parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        for folder in (parent, *parent.parents):
+            if folder.exists() and not folder.is_dir():
+                raise NotADirectoryError(
+                    f"cannot write {str(path)!r}: {str(folder)!r} is a file, not a folder"
+                ) from None
+        raise
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` with the umask's file mode.
@@ -51,7 +77,7 @@ def atomic_path(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path
         `Path`: where the caller writes the new content (a file the caller may open, or pass to a library writer).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(name)

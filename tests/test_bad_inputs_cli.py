@@ -169,6 +169,60 @@ def test_run_reporting_errors_turns_user_errors_into_one_line(error, capsys):
     one_error_line(capsys.readouterr().err, "l2i-x")
 
 
+@pytest.mark.parametrize("kept", ["", "checkpoint saved to run/checkpoints/step_3"])
+def test_ctrl_c_is_one_line_exit_130(kept, capsys):
+    def interrupted():
+        raise KeyboardInterrupt(kept) if kept else KeyboardInterrupt
+
+    assert run_reporting_errors("l2i-x", interrupted) == 130
+    err = capsys.readouterr().err
+    assert err == ("l2i-x: interrupted" + (f"; {kept}" if kept else "") + "\n")
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path):
+    """``l2i-convert inspect x | head -1``: no "Broken pipe" error, no "Exception ignored" at exit."""
+    code = (
+        "import sys\n"
+        "from layout2image.cli._args import run_reporting_errors\n"
+        "def spam():\n"
+        "    for i in range(200000):\n"
+        "        print('line', i)\n"
+        "sys.exit(run_reporting_errors('l2i-x', spam))\n"
+    )
+    done = subprocess.run(
+        f'{sys.executable} -c "{code}" | head -1', shell=True, capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout == "line 0\n" and done.stderr == "", done.stderr
+
+
+def test_an_output_under_a_file_says_the_parent_is_a_file(ids_png, tmp_path, capsys):
+    (tmp_path / "labelset.yaml").write_text("x")
+    out = tmp_path / "labelset.yaml" / "out.png"
+    assert labels_cli.main(["convert", str(ids_png), str(out), "--labels", "toy"]) in (1, 2)
+    line = one_error_line(capsys.readouterr().err, "l2i-labels")
+    assert f"{str(tmp_path / 'labelset.yaml')!r} is a file, not a folder" in line and "Errno" not in line
+
+
+def test_a_folder_given_as_label_map_is_named_a_folder(tmp_path, capsys):
+    assert labels_cli.main(["check", str(tmp_path), "--labels", "toy"]) in (1, 2)
+    line = one_error_line(capsys.readouterr().err, "l2i-labels")
+    assert "is a folder, not an image file" in line and "Is a directory" not in line
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_a_jpeg_label_map_error_says_jpeg_is_lossy(ids_png, tmp_path, capsys, mode):
+    ids = np.zeros((32, 32), dtype=np.uint8)
+    ids[:, 16:] = 7
+    ids[8:20, 4:12] = 255  # the ringing at the edges of 0 / 7 / 255 gives ids no class has
+    png = save_label_map(tmp_path / "m.png", ids.astype(np.int64), TOY)
+    jpeg = tmp_path / "m.jpg"
+    image = Image.open(png)
+    (image.convert("RGB") if mode == "RGB" else Image.fromarray(ids)).save(jpeg, quality=40)
+    assert labels_cli.main(["check", str(jpeg), "--labels", "toy"]) in (1, 2)
+    assert "The file is a JPEG: its lossy compression" in capsys.readouterr().err
+    assert labels_cli.main(["check", str(png), "--labels", "toy"]) == 0
+
+
 def test_l2i_toy_unwritable_out_is_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert toy_cli.main(["--out", str(tmp_path / "file" / "toy"), "--num", "2", "--preview-rows", "0"]) == 2

@@ -127,6 +127,24 @@ def test_bad_files_exit_1_with_a_message(files, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_inspect_names_a_reshaped_hint_block_tensor(files, tmp_path, capsys):
+    """A ControlNet without metadata whose hint block holds a tensor of another shape (same values, reshaped): the
+    report names the tensor and its shape instead of the generic "no known signature"."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(files["rgb_folder"] / "diffusion_pytorch_model.safetensors"))
+    key = "controlnet_cond_embedding.blocks.3.weight"
+    state[key] = state[key].reshape(-1, 1, 3, 3).contiguous()
+    path = tmp_path / "reshaped.safetensors"
+    save_file(state, str(path))
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    width = state[key].shape[0]
+    assert f"{key}.weight" not in out and f"{key} has shape [{width}, 1, 3, 3]: 1 input channel(s)" in out
+    assert "controlnet_cond_embedding.blocks.2 gives 8" in out and "diffusers layout" in out
+    assert "no known signature" not in out and "no loader takes it" in out
+
+
 @pytest.mark.parametrize("to", ["peft", "kohya"])
 def test_lora_with_nan_or_inf_is_refused_in_one_line_and_nothing_is_written(tmp_path, capsys, to):
     """A kohya LoRA (SD 1.5 module names) whose matrices hold NaN and inf: one line naming the count and the
@@ -151,7 +169,7 @@ def test_lora_with_nan_or_inf_is_refused_in_one_line_and_nothing_is_written(tmp_
     assert status != 0
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert lines[0].startswith("l2i-convert: error: 2 LoRA tensor(s) hold NaN or infinite values: ")
+    assert lines[0].startswith(f"l2i-convert: error: {str(source)!r}: 2 LoRA tensor(s) hold NaN or infinite values: ")
     assert f"{names[0]}.lora_down.weight (5 NaN of 1280 values)" in lines[0]
     assert f"{names[1]}.lora_up.weight (1 inf of 1280 values)" in lines[0]
     assert not output.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["diverged.safetensors"]

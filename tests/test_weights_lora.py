@@ -513,6 +513,32 @@ def test_nan_or_inf_lora_tensors_are_refused_by_name(trained):
         convert_lora_state_dict(_poisoned(kohya, [down]), "peft", unet_config=config)
 
 
+def test_a_nan_lora_file_is_named_by_convert_and_flagged_by_inspect(trained, tmp_path, capsys):
+    """``l2i-convert lora`` names the input file besides the tensors; ``inspect`` says the file holds NaN/inf (count,
+    first tensors) and lists no loader, where the clean file lists some."""
+    config, alphas = trained["unet"].config, trained["alphas"]
+    kohya = dict(convert_lora_state_dict(trained["peft"], "kohya", unet_config=config, alpha=alphas).state_dict)
+    clean = tmp_path / "clean.safetensors"
+    save_file(kohya, str(clean))
+    downs = [k for k in kohya if k.endswith(".lora_down.weight")][:4]
+    bad = tmp_path / "diverged.safetensors"
+    save_file(_poisoned(kohya, downs), str(bad))
+    with pytest.raises(LoraFormatError, match=rf"^{re.escape(repr(str(bad)))}: 4 LoRA tensor\(s\) hold NaN"):
+        convert_lora_file(bad, tmp_path / "out.safetensors", "peft", unet_config=config)
+    assert main(["lora", str(bad), str(tmp_path / "out.safetensors"), "--to", "peft"]) == 1
+    assert str(bad) in capsys.readouterr().err
+    assert not (tmp_path / "out.safetensors").exists()
+    assert inspect_weights(clean).loaders
+    report = inspect_weights(bad)
+    assert report.kind == "lora" and report.loaders == ()
+    assert "NaN/inf values: no loader gives usable images" in report.summary
+    note = report.notes[0]
+    assert note.startswith("4 tensor(s) hold NaN or infinite values: ") and "and 1 more" in note
+    assert set(_listed(note)) <= set(downs) and len(_listed(note)) == 3
+    assert main(["inspect", str(bad)]) == 0
+    assert "4 tensor(s) hold NaN" in capsys.readouterr().out
+
+
 def test_a_cast_that_overflows_is_refused_and_writes_nothing(trained, tmp_path):
     config, alphas = trained["unet"].config, trained["alphas"]
     key = next(iter(trained["peft"]))

@@ -26,6 +26,7 @@ from .controlnet import (
     ControlNetFormat,
     UnknownFormatError,
     _check_encoding,
+    _hint_convs,
     convert_controlnet_state_dict,
     detect_controlnet_format,
     infer_controlnet_config,
@@ -39,6 +40,7 @@ from .lora import (
     kohya_naming_of,
     summarize_lora,
 )
+from .lora_convert import _nonfinite
 from .metadata import WeightsMetadata, describe_label_set, has_l2i_metadata
 from .safe_load import (
     TensorInfo,
@@ -253,7 +255,9 @@ def _tensor_infos(state: Mapping[str, Any]) -> dict[str, TensorInfo]:
     }
 
 
-def _lora_report(infos: Mapping[str, TensorInfo], raw: Mapping[str, str], metadata, alphas) -> dict[str, Any] | None:
+def _lora_report(
+    infos: Mapping[str, TensorInfo], raw: Mapping[str, str], metadata, alphas, nonfinite: list[str] | None = None
+) -> dict[str, Any] | None:
     """kind/summary/loaders/notes for a UNet LoRA file, or None when the keys are no LoRA."""
     from .lora_check import check_lora_state_dict
 
@@ -261,6 +265,20 @@ def _lora_report(infos: Mapping[str, TensorInfo], raw: Mapping[str, str], metada
         summary = summarize_lora(infos, alphas)
     except LoraFormatError:
         return None
+    if nonfinite:
+        # One NaN in up @ down spreads to the whole weight it is added to, and from there to every image.
+        shown = "; ".join(nonfinite[:3]) + (f"; ... and {len(nonfinite) - 3} more" if len(nonfinite) > 3 else "")
+        return dict(
+            kind="lora",
+            summary=summary.describe() + ", holding NaN/inf values: no loader gives usable images with it",
+            loaders=(),
+            notes=[
+                f"{len(nonfinite)} tensor(s) hold NaN or infinite values: {shown}; every image the LoRA is applied "
+                "to comes out NaN (black) in ComfyUI, A1111/Forge, diffusers and layout2image (a diverged training "
+                "run?); l2i-convert lora refuses it"
+            ],
+            lora_summary=summary,
+        )
     notes: list[str] = []
     if summary.other_keys:
         notes.append(f"{summary.other_keys} key(s) are no UNet LoRA keys (text encoder or other adapter types)")
@@ -397,8 +415,51 @@ def _sdm_report(infos: Mapping[str, TensorInfo], container: str, metadata) -> di
     return dict(kind="sdm", summary=summary, loaders=loaders, notes=notes)
 
 
+def _broken_hint_block(infos: Mapping[str, TensorInfo], error: UnknownFormatError) -> str | None:
+    """The note for a file with a ControlNet trunk whose hint block matches no known one (a tensor of another
+    shape, as a reshaped or mis-saved file has), naming the tensors whose shapes break the chain; else None."""
+    if "has a hint block that is neither" not in str(error):
+        return None
+    layout = "diffusers" if "controlnet_cond_embedding.conv_in.weight" in infos else "ldm"
+    head = "controlnet_cond_embedding." if layout == "diffusers" else "input_hint_block."
+    convs = _hint_convs(infos, layout, "")
+    broken = []
+    for i, (name, shape) in enumerate(convs):
+        if len(shape) != 4:
+            broken.append(f"{head}{name}.weight has shape {list(shape)} (a conv weight has 4 dimensions)")
+        elif i and len(convs[i - 1][1]) == 4 and shape[1] != convs[i - 1][1][0]:
+            before, width = convs[i - 1][0], convs[i - 1][1][0]
+            broken.append(
+                f"{head}{name}.weight has shape {list(shape)}: {shape[1]} input channel(s) where {head}{before} "
+                f"gives {width}"
+            )
+    listing = ", ".join(f"{n} {list(s)}" for n, s in convs) or "none"
+    where = "; ".join(broken[:3]) if broken else f"its hint convs are {listing}"
+    return (
+        f"its keys are a ControlNet's ({layout} layout), but its hint block matches no known one, so every loader "
+        f"fails on it (ComfyUI, sd-webui-controlnet/Forge, diffusers and layout2image): {where}"
+    )
+
+
+def _nonfinite_lora_tensors(path: Path) -> list[str]:
+    """``"<key> (n NaN, ...)"`` for each tensor of a LoRA file holding NaN or inf values (LoRAs are small: read them
+    all); empty when the file is no LoRA or all values are finite."""
+    try:
+        detect_lora_format(read_safetensors_header(path).tensors)
+    except LoraFormatError:
+        return []
+    state = load_safetensors(path).state_dict
+    return [entry for entry in (_nonfinite(k, v) for k, v in state.items()) if entry]
+
+
 def _report(
-    path: Path, container: str, infos: Mapping[str, TensorInfo], raw: Mapping[str, str], notes=(), alphas=None
+    path: Path,
+    container: str,
+    infos: Mapping[str, TensorInfo],
+    raw: Mapping[str, str],
+    notes=(),
+    alphas=None,
+    nonfinite: list[str] | None = None,
 ):
     metadata = WeightsMetadata.from_safetensors(raw, source=str(path)) if has_l2i_metadata(raw) else None
     dtypes: dict[str, int] = {}
@@ -419,10 +480,12 @@ def _report(
     if found is not None:
         return FileReport(**{**common, **found, "notes": tuple(notes + list(found["notes"]))})
     folder = container == "diffusers-folder"
+    hint_note = None
     try:
         fmt = detect_controlnet_format(infos)
-    except UnknownFormatError:
+    except UnknownFormatError as e:
         fmt = None
+        hint_note = _broken_hint_block(infos, e)
     if fmt is not None:
         loaders, more = _controlnet_loaders(fmt, folder)
         summary = f"ControlNet, {fmt.description} ({fmt.hint_encoding} hint)"
@@ -447,7 +510,7 @@ def _report(
             )
             summary = f"whole-model checkpoint (ControlLDM) with a ControlNet inside: {fmt.description}"
             return FileReport(kind="controlnet_checkpoint", summary=summary, notes=tuple(notes + [how]), **common)
-    for found in (_lora_report(infos, raw, metadata, alphas), _spade_report(infos, metadata)):
+    for found in (_lora_report(infos, raw, metadata, alphas, nonfinite), _spade_report(infos, metadata)):
         if found is not None:
             found["notes"] = tuple(notes + list(found["notes"]))
             return FileReport(**{**common, **found})
@@ -468,6 +531,10 @@ def _report(
                 f"A1111/Forge and diffusers all identify a file by its keys and shapes): {why}"
             )
         return FileReport(kind=metadata.kind, summary=summary, loaders=loaders, notes=tuple(notes), **common)
+    if hint_note is not None:
+        notes.append(hint_note)
+        summary = "ControlNet whose hint block is damaged: no loader takes it as it is"
+        return FileReport(kind="unknown", summary=summary, notes=tuple(notes), **common)
     notes.append(
         "no known signature: known kinds are ControlNets (diffusers or ldm layout, standard/one-hot/ALDM hint "
         "blocks), ControlLDM checkpoints holding control_model.*, UNet LoRAs (kohya or PEFT naming), SPADE "
@@ -509,7 +576,8 @@ def inspect_weights(path: str | os.PathLike) -> FileReport:
                 alphas = load_safetensors(path, keys=keys).state_dict
         except LoraFormatError:
             pass
-        return _report(path, container, header.tensors, header.metadata, alphas=alphas)
+        nonfinite = _nonfinite_lora_tensors(path)
+        return _report(path, container, header.tensors, header.metadata, alphas=alphas, nonfinite=nonfinite)
     obj = load_torch_file(path, mmap=True)
     if isinstance(obj, torch.Tensor):
         shape = tuple(obj.shape)

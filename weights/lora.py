@@ -340,6 +340,16 @@ def convert_lora_file(
         md = md.replace(extra={k: v for k, v in md.extra.items() if k not in ("unet_config", "lora_alpha")})
     keep = {k: v for k, v in loaded.raw_metadata.items() if not k.startswith(("l2i.", "ss_")) and k != "format"}
     keep.pop(_DIFFUSERS_METADATA_KEY, None)
+    try:
+        return _save_converted(loaded, target, to, config, use_alpha, md, keep, dtype, kohya_names)
+    except LoraFormatError as e:
+        if str(source) in str(e):
+            raise
+        # The conversion's errors name tensors and modules; say which input file they are in.
+        raise LoraFormatError(f"{str(source)!r}: {e}") from None
+
+
+def _save_converted(loaded, target, to, config, use_alpha, md, keep, dtype, kohya_names) -> LoraConversion:
     return save_lora_file(
         target,
         loaded.state_dict,

@@ -7,6 +7,8 @@ stay the class ids; sets with more than 256 ids fall back to 16-bit greyscale PN
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +48,8 @@ def _open_image(path: Path):
         size = path.stat().st_size
     except FileNotFoundError:
         raise LabelMapError(f"label map {str(path)!r} does not exist") from None
+    if path.is_dir():
+        raise LabelMapError(f"label map {str(path)!r} is a folder, not an image file")
     if size == 0:
         raise LabelMapError(f"label map {str(path)!r} is empty (0 bytes)")
     source = f"label map {str(path)!r}"
@@ -54,6 +58,8 @@ def _open_image(path: Path):
         img.load()
     except LabelMapError:
         raise
+    except IsADirectoryError:
+        raise LabelMapError(f"{source} is a folder, not an image file") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise LabelMapError(f"{source} is not a readable image ({size} bytes): {e}") from None
     return img
@@ -193,14 +199,15 @@ def read_label_map(
             if label_set is None:
                 raise LabelMapError(f"{source} is a colour image; pass the label set whose palette it uses")
             rgb = np.asarray(img.convert("RGB"))
-            ids, report = decode_colors(
-                rgb,
-                label_set,
-                tolerance=tolerance,
-                unknown=unknown,
-                max_unknown_fraction=max_unknown_fraction,
-                source=source,
-            )
+            with _lossy_hint(img):
+                ids, report = decode_colors(
+                    rgb,
+                    label_set,
+                    tolerance=tolerance,
+                    unknown=unknown,
+                    max_unknown_fraction=max_unknown_fraction,
+                    source=source,
+                )
             if apply_remap:
                 raise LabelMapError(f"{source}: apply_remap is for raw id maps, not colour maps")
             return LabelMapRead(ids=ids, kind="colors", report=report)
@@ -216,8 +223,24 @@ def read_label_map(
         outside = (ids < -1) | (ids >= len(lut) - 1)
         ids = np.where(outside, label_set.ignore_index, lut[np.clip(ids, -1, len(lut) - 2)])
     if label_set is not None:
-        ids = check_ids(ids, label_set, source=source)
+        with _lossy_hint(img if path.suffix.lower() != ".npy" else None):
+            ids = check_ids(ids, label_set, source=source)
     return LabelMapRead(ids=ids, kind=kind)
+
+
+@contextmanager
+def _lossy_hint(img) -> Iterator[None]:
+    """Add to a `LabelMapError` about ids or colours that a JPEG file cannot hold a label map: its lossy compression
+    blurs the edges between regions into ids and colours that no class has."""
+    try:
+        yield
+    except LabelMapError as e:
+        if img is None or getattr(img, "format", None) != "JPEG":
+            raise
+        raise LabelMapError(
+            f"{e} The file is a JPEG: its lossy compression changes the pixel values at region edges, so it cannot "
+            "hold a label map; save label maps as PNG (or .npy)."
+        ) from None
 
 
 def load_label_map(path: str | os.PathLike, label_set: LabelSet | None = None, **kwargs) -> np.ndarray:
