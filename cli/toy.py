@@ -84,11 +84,17 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         )
     except FileExistsError as err:
         parser.error(str(err))
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(
+            f"the samples written so far are kept in {args.out}; the same command completes the dataset"
+        ) from None
     elapsed = time.perf_counter() - start
     if args.quiet:
         return 0
     h, w = summary.size
     print(f"wrote {summary.num} samples ({h}x{w}, seed {summary.seed}) to {summary.root} in {elapsed:.1f} s")
+    if summary.resumed:
+        print(f"  completed an interrupted write: {summary.resumed} samples were already there and were kept")
     print("  images/  labels/  captions.jsonl  labelset.yaml")
     if summary.preview is not None:
         print(f"  preview: {summary.preview}  {summary.domain_preview}")

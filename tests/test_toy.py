@@ -254,3 +254,73 @@ def test_cli_refuses_existing_dataset(tmp_path, capsys):
         toy_main(["--out", out, "--num", "1", "--size", "16"])
     assert exc.value.code == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def _interrupt_after(monkeypatch, calls: int) -> None:
+    """Make the dataset writer's label-map save raise KeyboardInterrupt (Ctrl-C) on its ``calls + 1``-th call."""
+    from layout2image.core.toy import dataset
+
+    real, seen = dataset.save_label_map, []
+
+    def save(*args, **kwargs):
+        if len(seen) == calls:
+            raise KeyboardInterrupt
+        seen.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dataset, "save_label_map", save)
+
+
+def test_an_interrupted_write_is_completed_by_the_same_call(tmp_path, monkeypatch):
+    """Ctrl-C after 3 of 8 samples: the folder says it is unfinished; the same call keeps the 3 samples (not rendered
+    again) and writes the rest; the result equals an uninterrupted write, file by file."""
+    from layout2image.core.toy import dataset
+
+    whole = write_dataset(tmp_path / "whole", 8, seed=1, size=32, preview_rows=2)
+    root = tmp_path / "toy"
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            write_dataset(root, 8, seed=1, size=32, preview_rows=2)
+    assert (root / dataset.WRITING_MARKER).is_file() and not (root / "captions.jsonl").exists()
+    assert len(list((root / "labels").glob("toy_*.png"))) == 3
+    with pytest.raises(FileExistsError, match=r"interrupted .*\(--num 8 --seed 1 .*: 3 of 8 samples written"):
+        write_dataset(root, 9, seed=1, size=32)
+    rendered = []
+    real_render = dataset.render_scene
+    monkeypatch.setattr(dataset, "render_scene", lambda *a, **k: rendered.append(1) or real_render(*a, **k))
+    summary = write_dataset(root, 8, seed=1, size=32, preview_rows=2)
+    assert summary.resumed == 3 and not (root / dataset.WRITING_MARKER).exists()
+    assert len(rendered) == 5 + 4 * 2  # the 5 new samples, then the domain preview's 2 rows x 4 domains
+    assert summary.class_frequencies == whole.class_frequencies and summary.domain_stats == whole.domain_stats
+    for name in ("captions.jsonl", "labelset.yaml"):
+        assert (root / name).read_text() == (tmp_path / "whole" / name).read_text()
+    for path in sorted((tmp_path / "whole").rglob("toy_*.png")):
+        mine = root / path.relative_to(tmp_path / "whole")
+        np.testing.assert_array_equal(np.asarray(Image.open(mine)), np.asarray(Image.open(path)))
+    with pytest.raises(FileExistsError, match="already holds a toy dataset"):  # finished now
+        write_dataset(root, 8, seed=1, size=32)
+
+
+def test_an_unfinished_folder_without_the_marker_says_it_is_incomplete(tmp_path, capsys):
+    """A folder an older l2i-toy left half-written (toy files, no captions.jsonl): the refusal says so."""
+    root = tmp_path / "toy"
+    write_dataset(root, 3, size=16, preview_rows=0)
+    (root / "captions.jsonl").unlink()
+    (root / "labelset.yaml").unlink()
+    with pytest.raises(SystemExit):
+        toy_main(["--out", str(root), "--num", "10", "--size", "16"])
+    err = capsys.readouterr().err
+    assert "incomplete toy dataset (3 samples" in err and "captions.jsonl and labelset.yaml missing" in err
+    assert "--overwrite" in err
+
+
+def test_cli_ctrl_c_says_what_is_kept(tmp_path, monkeypatch, capsys):
+    _interrupt_after(monkeypatch, 2)
+    out = tmp_path / "toy"
+    assert toy_main(["--out", str(out), "--num", "5", "--size", "16", "--preview-rows", "0"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("l2i-toy: interrupted; the samples written so far are kept in") and "Traceback" not in err
+    monkeypatch.undo()
+    assert toy_main(["--out", str(out), "--num", "5", "--size", "16", "--preview-rows", "0"]) == 0
+    assert "2 samples were already there" in capsys.readouterr().out

@@ -10,6 +10,9 @@ Folder layout written by `write_dataset`::
       preview.png                rows of [colourised label | image] with a legend
       preview_domains.png        a few scenes, each as label | day | night | snow | fog
 
+While it writes, the folder holds ``.l2i-toy-writing.json`` (the settings); an interrupted write is completed by
+the same call again (each sample file is written atomically, so the ones present are whole and are kept).
+
 Sample `i` of a dataset with seed `s` depends on `(s, i)`, the size and the domain list only, so any sample can
 be regenerated alone; domains cycle through the list in order (sample `i` gets `domains[i % len(domains)]`).
 """
@@ -24,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..files import atomic_path, atomic_write_text
 from ..labels import LabelSet, colorize, get_label_set, preview_grid, save_label_map
 from ..logging import get_logger
 from .captions import make_caption
@@ -33,6 +37,9 @@ from .scenes import IGNORE_INDEX, TOY_CLASSES, make_scene, normalize_size, sampl
 logger = get_logger(__name__)
 
 STEM_PREFIX = "toy_"
+
+#: Present while `write_dataset` writes a folder (its settings, as JSON): an interrupted write, to complete.
+WRITING_MARKER = ".l2i-toy-writing.json"
 
 #: First index of the held-out scenes: the toy base models train on indices below it (0..2999 for seed 0), their
 #: evaluation uses the range from here, and so do the demo's validation split and the ComfyUI toy nodes' default.
@@ -75,6 +82,7 @@ class ToyDatasetSummary:
         domain_stats (`dict[str, ImageStats]`): mean image statistics per domain.
         preview (`Path`, optional): the label | image grid.
         domain_preview (`Path`, optional): scenes across all domains.
+        resumed (`int`): samples an interrupted write had already written (kept, not rendered again).
     """
 
     root: Path
@@ -87,6 +95,7 @@ class ToyDatasetSummary:
     domain_stats: dict[str, ImageStats] = field(default_factory=dict)
     preview: Path | None = None
     domain_preview: Path | None = None
+    resumed: int = 0
 
 
 def check_domains(domains: Sequence[str]) -> tuple[str, ...]:
@@ -190,7 +199,10 @@ def domain_preview(
 def _save_rgb(path: Path, image: np.ndarray) -> None:
     from PIL import Image
 
-    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(path, format="PNG", compress_level=1)
+    # Atomic: a sample file that exists is whole, so an interrupted write can be completed by skipping it. No
+    # fsync per scene (thousands of small files); Ctrl-C, not a power cut, is what interrupts a write.
+    with atomic_path(path, fsync=False) as tmp:
+        Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(tmp, format="PNG", compress_level=1)
 
 
 def write_dataset(
@@ -215,7 +227,9 @@ def write_dataset(
         domains (`Sequence[str]`, optional, defaults to `DOMAINS`): domains, cycled over the samples.
         preview_rows (`int`, optional, defaults to 8): rows of the preview grids; 0 writes none.
         overwrite (`bool`, optional, defaults to False): replace a toy dataset already in `out_dir` (its
-            ``toy_*.png`` files are deleted first); without it, an existing dataset is an error.
+            ``toy_*.png`` files are deleted first); without it, an existing dataset is an error, except an
+            interrupted write (``.l2i-toy-writing.json`` present) of the same settings, which this call completes:
+            the samples already written are kept (read back, not rendered again).
         start (`int`, optional, defaults to 0): index of the first sample; sample ``i`` depends on ``(seed, i)``
             only, so disjoint index ranges of one seed are disjoint splits.
         progress (`bool`, optional, defaults to False): show a progress bar (stderr).
@@ -238,37 +252,47 @@ def write_dataset(
 
     root = Path(out_dir)
     images_dir, labels_dir, captions_path = root / "images", root / "labels", root / "captions.jsonl"
-    existing = [p for d in (images_dir, labels_dir) if d.is_dir() for p in d.glob(f"{STEM_PREFIX}*.png")]
-    if (existing or captions_path.exists()) and not overwrite:
-        raise FileExistsError(
-            f"{str(root)!r} already holds a toy dataset ({len(existing)} toy_*.png files, captions.jsonl "
-            f"{'present' if captions_path.exists() else 'absent'}); choose another folder or replace it "
-            "(overwrite=True; l2i-toy --overwrite)"
-        )
-    for path in existing:
-        path.unlink()
+    wanted = {"num": num, "seed": seed, "size": [h, w], "domains": list(domains), "start": start}
+    resume = _check_folder(root, wanted, overwrite)
+    if overwrite:
+        for d in (images_dir, labels_dir):
+            for path in d.glob(f"{STEM_PREFIX}*.png") if d.is_dir() else ():
+                path.unlink()
     images_dir.mkdir(parents=True, exist_ok=True)
     labels_dir.mkdir(parents=True, exist_ok=True)
+    # Written first, removed last: a folder with it holds an interrupted write, which the same call completes.
+    atomic_write_text(root / WRITING_MARKER, json.dumps(wanted) + "\n")
 
     pixel_counts = np.zeros(256, dtype=np.int64)
     stat_sums = {d: np.zeros(4) for d in domains}
     domain_counts = dict.fromkeys(domains, 0)
     shown: list[ToySample] = []
-    with open(captions_path, "w", encoding="utf-8") as captions:
-        from tqdm.auto import tqdm
+    records = []
+    from tqdm.auto import tqdm
 
-        samples = iter_samples(num, seed, (h, w), domains, start=start)
-        for sample in tqdm(samples, total=num, desc=f"writing {root}", unit="scene", disable=not progress):
-            _save_rgb(images_dir / f"{sample.stem}.png", sample.image)
-            save_label_map(labels_dir / f"{sample.stem}.png", sample.labels, label_set)
-            record = {"file": f"{sample.stem}.png", "caption": sample.caption, "domain": sample.domain}
-            captions.write(json.dumps(record, ensure_ascii=False) + "\n")
-            pixel_counts += np.bincount(sample.labels.ravel(), minlength=256)[:256]
-            stats = image_stats(sample.image)
-            stat_sums[sample.domain] += (stats.brightness, stats.saturation, stats.contrast, stats.white_fraction)
-            domain_counts[sample.domain] += 1
-            if len(shown) < preview_rows:
-                shown.append(sample)
+    reused = 0
+    for index in tqdm(
+        range(start, start + num), total=num, desc=f"writing {root}", unit="scene", disable=not progress
+    ):
+        stem = stem_for(index)
+        # Each file is written atomically, so one that exists is whole: a resumed write re-renders nothing.
+        sample = _written_sample(images_dir, labels_dir, index, seed, (h, w), domains) if resume else None
+        if sample is None:
+            sample = make_sample(index, seed, (h, w), domains)
+            _save_rgb(images_dir / f"{stem}.png", sample.image)
+            save_label_map(labels_dir / f"{stem}.png", sample.labels, label_set)
+        else:
+            reused += 1
+        records.append({"file": f"{stem}.png", "caption": sample.caption, "domain": sample.domain})
+        pixel_counts += np.bincount(sample.labels.ravel(), minlength=256)[:256]
+        stats = image_stats(sample.image)
+        stat_sums[sample.domain] += (stats.brightness, stats.saturation, stats.contrast, stats.white_fraction)
+        domain_counts[sample.domain] += 1
+        if len(shown) < preview_rows:
+            shown.append(sample)
+    if reused:
+        logger.info("completed an interrupted write: %d of %d samples were already written", reused, num)
+    atomic_write_text(captions_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     label_set.save(root / "labelset.yaml")
 
     total = pixel_counts.sum()
@@ -292,5 +316,78 @@ def write_dataset(
         rows = list(range(start, start + min(preview_rows, 4, num)))
         summary.domain_preview = root / "preview_domains.png"
         _save_rgb(summary.domain_preview, domain_preview(rows, seed, (h, w), domains, label_set))
+    (root / WRITING_MARKER).unlink(missing_ok=True)
     logger.info("wrote %d toy samples (%dx%d, seed %d) to %s", num, h, w, seed, root)
+    summary.resumed = reused
     return summary
+
+
+def _settings(params: dict) -> str:
+    h, w = params.get("size", ["?", "?"])
+    return (
+        f"--num {params.get('num')} --seed {params.get('seed')} --size {h if h == w else f'{h}x{w}'} "
+        f"--start {params.get('start')} --domains {','.join(params.get('domains', []))}"
+    )
+
+
+def _check_folder(root: Path, wanted: dict, overwrite: bool) -> bool:
+    """Whether `write_dataset` completes an interrupted write of the same settings in ``root``; raises
+    FileExistsError for a dataset (whole or interrupted) that the call would otherwise overwrite."""
+    images_dir, labels_dir, captions_path = root / "images", root / "labels", root / "captions.jsonl"
+    existing = [p for d in (images_dir, labels_dir) if d.is_dir() for p in d.glob(f"{STEM_PREFIX}*.png")]
+    marker = root / WRITING_MARKER
+    if overwrite:
+        return False
+    if marker.is_file():
+        try:
+            earlier = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            earlier = {}
+        if earlier == wanted:
+            return True
+        written = len(
+            {p.name for p in existing if p.parent == images_dir} & {p.name for p in existing if p.parent == labels_dir}
+        )
+        raise FileExistsError(
+            f"{str(root)!r} holds an interrupted toy dataset write with other settings ({_settings(earlier)}): "
+            f"{written} of {earlier.get('num', '?')} samples written, captions.jsonl and labelset.yaml not yet; "
+            "complete it by rerunning with those settings, or replace it (overwrite=True; l2i-toy --overwrite)"
+        )
+    if existing or captions_path.exists():
+        images = {p.name for p in existing if p.parent == images_dir}
+        labels = {p.name for p in existing if p.parent == labels_dir}
+        missing = [n for n in ("captions.jsonl", "labelset.yaml") if not (root / n).exists()]
+        if missing:
+            raise FileExistsError(
+                f"{str(root)!r} holds an incomplete toy dataset ({len(images & labels)} samples with image and "
+                f"label, {' and '.join(missing)} missing: an interrupted write of an older l2i-toy); replace it "
+                "(overwrite=True; l2i-toy --overwrite) or choose another folder"
+            )
+        raise FileExistsError(
+            f"{str(root)!r} already holds a toy dataset ({len(images & labels)} samples); choose another folder or "
+            "replace it (overwrite=True; l2i-toy --overwrite)"
+        )
+    return False
+
+
+def _written_sample(
+    images_dir: Path, labels_dir: Path, index: int, seed: int, size: tuple[int, int], domains: tuple[str, ...]
+) -> ToySample | None:
+    """Sample ``index`` with the image read back from its file (no rendering), or None when either file is absent
+    or is not the sample's size."""
+    from PIL import Image
+
+    stem = stem_for(index)
+    if not (images_dir / f"{stem}.png").is_file() or not (labels_dir / f"{stem}.png").is_file():
+        return None
+    try:
+        with Image.open(images_dir / f"{stem}.png") as img:
+            image = np.asarray(img.convert("RGB"))
+    except (OSError, ValueError):
+        return None
+    scene = make_scene(size, seed, index)
+    if image.shape[:2] != scene.labels.shape:
+        return None
+    domain = domains[index % len(domains)]
+    caption = make_caption(scene, domain, sample_rng(seed, index, 2))
+    return ToySample(index=index, stem=stem, labels=scene.labels, image=image, caption=caption, domain=domain)
