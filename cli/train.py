@@ -101,6 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         extra.setdefault("train", {})["resume"] = args.resume
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --output and --overwrite replaces it; pass only one")
+    # Paths first, before any setting is read: a wrong path is named as such, not as a missing setting.
+    problem = _check_paths(args)
+    if problem:  # one line, like every bad input the trainer reports (no usage: the arguments parsed fine)
+        print(f"l2i-train: error: {problem}", file=sys.stderr)
+        return 2
     # The trainer (torch, diffusers, peft) is imported only now that a command runs.
     from ..trainer.config import ConfigError, load_config
 
@@ -132,13 +137,53 @@ def main(argv: list[str] | None = None) -> int:
     return run_reporting_errors("l2i-train", lambda: _train(config, overwrite=args.overwrite))
 
 
+def _check_paths(args: argparse.Namespace) -> str | None:
+    """The first problem with --output, --data, --config or --resume as one line, else None (reads only)."""
+    from pathlib import Path
+
+    if args.output:
+        output = Path(args.output)
+        if output.exists() and not output.is_dir():
+            return f"--output {args.output!r} is a file, not a folder"
+        parent = output
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not output.exists():
+            if not parent.is_dir():
+                return f"--output {args.output!r} cannot be created: {str(parent)!r} is a file, not a folder"
+            if args.resume:
+                return f"--output {args.output!r} does not exist: there is no run to --resume there"
+        import os
+
+        if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
+            return f"--output {args.output!r} cannot be written: no write permission in {str(parent)!r}"
+    if args.data and Path(args.data).exists() and not Path(args.data).is_dir():
+        return f"--data {args.data!r} is a file, not a folder; give the dataset folder"
+    for file in args.config:
+        if Path(file).is_dir():
+            return f"--config {file!r} is a folder, not a settings file"
+        if not Path(file).exists():
+            return f"--config {file!r} does not exist"
+    if args.resume and args.output:
+        from ..trainer.checkpoint import resolve_resume
+
+        try:
+            resolve_resume(args.resume, args.output)
+        except OSError as e:
+            return str(e)
+    return None
+
+
 def _train(config, *, overwrite: bool) -> int:
     """Run the trainer; bad input (ConfigError, DatasetError, a refused output folder or resume, unreadable
     files) reaches `run_reporting_errors` as one line with exit status 2."""
-    from ..trainer.loop import Trainer
+    from ..trainer.loop import Trainer, TrainingInterrupted
 
     try:
         result = Trainer(config, overwrite=overwrite).run()
+    except TrainingInterrupted as e:  # Ctrl-C or SIGTERM: the trainer saved what it could; the shell's 128 + SIGINT
+        print(f"l2i-train: {e.describe()}", file=sys.stderr)
+        return 130
     except ImportError as e:  # an optional package a setting needs (bitsandbytes, tensorboard): the pip hint
         print(f"l2i-train: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1

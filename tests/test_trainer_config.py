@@ -209,6 +209,60 @@ def test_cli_resume_and_overwrite_exclude_each_other(capsys):
     assert exit_info.value.code == 2 and "pass only one" in capsys.readouterr().err
 
 
+def _cli_error(capsys, argv: list[str]) -> str:
+    """Run l2i-train with bad paths: exit status 2 and one error line (no usage, no traceback)."""
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("l2i-train: error: ") and "Traceback" not in err, err
+    return err
+
+
+def test_cli_names_a_bad_resume_path_before_any_setting(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("train:\n  steps: 3\n")
+    err = _cli_error(capsys, ["--output", "nonexist", "--resume", "latest"])
+    assert "--output 'nonexist' does not exist" in err
+    for preset in ([], ["--preset", "toy", "--data", "data"]):
+        # A relative path is named as given (never joined to the checkpoints folder a second time).
+        err = _cli_error(capsys, [*preset, "--output", "run", "--resume", "run/checkpoints/step_000099"])
+        assert "'run/checkpoints/step_000099' does not exist" in err and "checkpoints/run" not in err, err
+        assert "--overwrite" in err and "model.pretrained" not in err
+    err = _cli_error(capsys, ["--output", "run", "--resume", "run/config.yaml"])
+    assert "'run/config.yaml' is a file, not a checkpoint folder" in err
+    err = _cli_error(capsys, ["--output", "run", "--resume", "latest"])
+    assert "no checkpoint in 'run/checkpoints'" in err and "--overwrite" in err and "without --resume" in err
+
+
+def test_cli_names_bad_output_data_and_config_files(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "labelset.yaml").write_text("classes: []\n")
+    err = _cli_error(capsys, ["--preset", "toy", "--data", "d", "--output", "labelset.yaml/x"])
+    assert "--output 'labelset.yaml/x' cannot be created: 'labelset.yaml' is a file, not a folder" in err
+    err = _cli_error(capsys, ["--preset", "toy", "--data", "labelset.yaml", "--output", "out"])
+    assert "--data 'labelset.yaml' is a file, not a folder" in err
+    (tmp_path / "empty.yaml").write_text("")
+    with pytest.raises(SystemExit):
+        train_main(["--config", "empty.yaml", "--print-config"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "config file 'empty.yaml' is empty" in err
+    (tmp_path / "broken.yaml").write_text("train:\n  steps: [1, 2\n  foo: 3\n")
+    with pytest.raises(SystemExit):
+        train_main(["--config", "broken.yaml", "--print-config"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("l2i-train: error: cannot parse 'broken.yaml': line 3, column ") and "expected" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_given_as_dataset_folder_is_named_as_a_file(tmp_path):
+    from layout2image.trainer.data.folder import list_folder
+
+    (tmp_path / "f.png").write_bytes(b"x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        list_folder(tmp_path / "f.png")
+
+
 def test_resume_config_rules(tmp_path):
     from layout2image.trainer.checkpoint import CheckpointState
     from layout2image.trainer.resume import ResumeConfigError, reconcile_resume_config
@@ -251,7 +305,7 @@ def test_resuming_another_runs_checkpoint_into_a_folder_with_its_own_run_is_refu
 
     state = CheckpointState(step=1, epoch=0, batch=1, skipped_steps=0, config_hash="h")
     other = save_checkpoint(tmp_path / "a" / "checkpoints", state, {"trainable": {"w": torch.zeros(1)}}, {})
-    (tmp_path / "b").mkdir()
+    save_checkpoint(tmp_path / "b" / "checkpoints", state, {"trainable": {"w": torch.zeros(1)}}, {})  # b's own run
     (tmp_path / "b" / "config.yaml").write_text("train: {}\n")
     before = sorted(p.name for p in (tmp_path / "b").iterdir())
     config = load_config(

@@ -1,5 +1,5 @@
 """The training loop on tiny models: one adversarial step per mode, exports that load back, exact resume, the NaN
-guard, checkpoint pruning, the data order and the optimizers.
+guard, checkpoint pruning, the data order and the optimizers; stopping (Ctrl-C, SIGTERM) and resuming.
 
 The tiny world (written once per session): a diffusers folder with a UNet of (32, 64) blocks, a 2x VAE, a CLIP text
 model of width 16 with a 54-token tokenizer, the SD 1.5 scheduler config; an 8-sample toy dataset at 32x32; and an
@@ -9,7 +9,10 @@ evaluation segmenter (random tiny SegFormer saved as a discriminator folder).
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,7 @@ from layout2image.trainer.checkpoint import list_checkpoints, prune_checkpoints
 from layout2image.trainer.config import OptimConfig, load_config
 from layout2image.trainer.loop import ResumableBatchSampler, Trainer
 from layout2image.trainer.resume import ResumeConfigError
+from layout2image.trainer.step import LayoutDiffusionStep
 
 
 @pytest.fixture(scope="session")
@@ -491,3 +495,176 @@ def test_a_sample_that_breaks_mid_run_saves_a_checkpoint_and_names_the_file(tiny
         assert str(final / name) in err and f"--resume {out / 'checkpoints' / 'step_000001'}" in err
         assert _tree(out) == before
         (final / name).write_bytes(keep)
+
+
+# ---------------------------------------------------------------------------------------------------- stop and resume
+#: 4 steps crossing an epoch (8 samples, batch 2, 2 batches a step), EMA, D every other step (steps 0 and 2).
+STOP_SETTINGS = (
+    "train.steps=4",
+    "train.keep_last=0",
+    "train.gradient_accumulation_steps=2",
+    "train.ema=true",
+    "adversarial.lazy_every=2",
+    "model.null_layout_prob=0.5",
+    "train.export_on_checkpoint=false",
+)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_world, tmp_path_factory) -> Path:
+    """The final checkpoint of an uninterrupted run of `STOP_SETTINGS`."""
+    out = tmp_path_factory.mktemp("full")
+    Trainer(_config(tiny_world, out, *STOP_SETTINGS)).run()
+    return out / "checkpoints" / "step_000004"
+
+
+def _raise_at(monkeypatch, method: str, step: int, action) -> None:
+    """Make ``LayoutDiffusionStep.<method>`` run ``action()`` the first time it is called at ``step``."""
+    original = getattr(LayoutDiffusionStep, method)
+    done = []
+
+    def patched(self, *args, **kwargs):
+        if self.step_index == step and not done:
+            done.append(True)
+            action()
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LayoutDiffusionStep, method, patched)
+    # The step index reaches the step code through the trainer: record it on the step object each step.
+    train_step = Trainer.train_step
+
+    def recording(self):
+        self.step_fn.step_index = self.step
+        return train_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", recording)
+
+
+def _raise_keyboard_interrupt():
+    raise KeyboardInterrupt
+
+
+def _interrupted_line(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err, err
+    return err.splitlines()[-1]
+
+
+# D's forward (step 2, adversarial: BatchNorm statistics change) and G's forward (step 3): both before any update.
+@pytest.mark.parametrize(("method", "step"), [("discriminator_step", 2), ("generator_step", 3)])
+def test_an_interrupt_inside_a_step_saves_a_checkpoint_that_resumes_exactly(
+    tiny_world,
+    uninterrupted,
+    tmp_path,
+    capsys,
+    monkeypatch,
+    method,
+    step,
+):
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        _raise_at(m, method, step, _raise_keyboard_interrupt)
+        assert _cli(tiny_world, out, *STOP_SETTINGS) == 130
+    folder = out / "checkpoints" / f"step_{step:06d}"
+    assert _interrupted_line(capsys) == (
+        f"l2i-train: interrupted at step {step}; checkpoint {folder} saved; continue with --resume latest"
+    )
+    state = json.loads((folder / "state.json").read_text())
+    # The abandoned step is rewound: the checkpoint resumes it from its first batch (2 batches a step, 4 an epoch).
+    assert (state["step"], state["epoch"], state["batch"]) == (step, step // 2, 2 * (step % 2))
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == [folder.name]
+
+    assert train_main(["--output", str(out), "--resume", "latest"]) == 0
+    assert capsys.readouterr().out.startswith("done: 4 steps")
+    final = out / "checkpoints" / "step_000004"
+    for stem in ("trainable", "ema", "discriminator"):
+        a, b = load_file(uninterrupted / f"{stem}.safetensors"), load_file(final / f"{stem}.safetensors")
+        assert a.keys() == b.keys()
+        assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a), stem
+
+
+def test_sigint_lets_the_step_in_progress_finish_then_saves(tiny_world, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    settings = ("train.steps=3", "train.keep_last=0")
+    with monkeypatch.context() as m:
+        # A real SIGINT to this process in the middle of step 1: the handler defers it to the step's end.
+        _raise_at(m, "generator_step", 1, lambda: os.kill(os.getpid(), signal.SIGINT))
+        assert _cli(tiny_world, out, *settings) == 130
+    assert _interrupted_line(capsys).startswith("l2i-train: interrupted at step 2; checkpoint ")
+    (saved,) = list_checkpoints(out / "checkpoints")
+    assert json.loads((saved / "state.json").read_text())["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+
+
+def test_an_interrupt_between_the_optimizer_updates_saves_nothing_of_that_step(
+    tiny_world,
+    tmp_path,
+    capsys,
+    monkeypatch,
+):
+    out = tmp_path / "run"
+    # Step 0 is adversarial: D has stepped when G's forward is interrupted; that state is not a step boundary.
+    with monkeypatch.context() as m:
+        _raise_at(m, "generator_step", 0, _raise_keyboard_interrupt)
+        assert _cli(tiny_world, out, "train.steps=2") == 130
+    line = _interrupted_line(capsys)
+    assert "interrupted at step 0 (during that step's optimizer update" in line and "no checkpoint was saved" in line
+    assert not list_checkpoints(out / "checkpoints")
+
+
+def test_a_folder_left_before_the_first_checkpoint_is_no_dead_end(tiny_world, tmp_path, capsys, caplog):
+    out = tmp_path / "run"
+    out.mkdir()
+    _config(tiny_world, out, "train.steps=1").save(out / "config.yaml")  # what a run killed while loading leaves
+    (out / "checkpoints").mkdir()
+
+    # --resume: no checkpoint to continue; the error says how to start afresh (and never blames a setting).
+    for argv in (
+        ["--output", str(out), "--resume", "latest"],
+        ["--preset", "toy", "--output", str(out), "--resume", "latest"],
+    ):
+        assert train_main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "no checkpoint in" in err and "without --resume" in err and "--overwrite" in err, err
+        assert "model.pretrained" not in err
+
+    # A plain rerun is not refused: nothing trained is there. It says so, and logs the export's final path.
+    caplog.set_level(logging.INFO, logger="layout2image")
+    assert _cli(tiny_world, out, "train.steps=1") == 0
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("stopped before its first checkpoint" in m for m in messages), messages
+    assert any(m.startswith(f"exported controlnet to {out / 'export'}:") for m in messages), messages
+    assert not any(".tmp-export" in m for m in messages), messages
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step_000001"]
+
+    # Now it holds a run: refused as before.
+    assert _cli(tiny_world, out, "train.steps=1") == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tiny_world, tmp_path, capsys, l2i_caplog):
+    out = tmp_path / "run"
+    assert _cli(tiny_world, out, "train.steps=3", "train.checkpoint_every=1", "train.keep_last=2") == 0
+    root = out / "checkpoints"
+    assert [p.name for p in list_checkpoints(root)] == ["step_000002", "step_000003"]
+    damaged = root / "step_000003" / "trainable.safetensors"
+    size = damaged.stat().st_size // 2
+    os.truncate(damaged, size)
+    capsys.readouterr()
+
+    assert train_main(["--output", str(out), "--resume", "latest", "--set", "train.steps=4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"--resume {root / 'step_000002'}" in err
+
+    # As the error advises: the damaged step 3 belongs to an abandoned branch, moved aside (not deleted).
+    argv = ["--output", str(out), "--resume", str(root / "step_000002"), "--set", "train.steps=4"]
+    assert train_main(argv) == 0
+    (aside,) = root.glob("abandoned-*")
+    assert (aside / "step_000003" / "trainable.safetensors").stat().st_size == size
+    assert any("abandoned branch" in r.getMessage() and "step_000003" in r.getMessage() for r in l2i_caplog.records)
+    # keep_last=2 saw only the resumed lineage: the new steps 3 and 4, both whole.
+    assert [p.name for p in list_checkpoints(root)] == ["step_000003", "step_000004"]
+    assert (root / "latest").read_text().strip() == "step_000004"
+    for folder in list_checkpoints(root):
+        load_file(folder / "trainable.safetensors")
+    assert _tree(aside)  # kept intact

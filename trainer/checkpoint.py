@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -48,11 +49,13 @@ __all__ = [
     "checkpoint_step",
     "list_checkpoints",
     "load_checkpoint_files",
+    "newer_checkpoints",
     "prune_checkpoints",
     "read_checkpoint_state",
     "remove_leftovers",
     "resolve_resume",
     "save_checkpoint",
+    "set_aside_newer",
 ]
 
 logger = get_logger(__name__)
@@ -264,20 +267,85 @@ def resolve_resume(spec: str, output_dir: str | os.PathLike) -> Path:
         if path is None or not (path / STATE_FILE).is_file():
             found = list_checkpoints(root)
             if not found:
+                why = (
+                    f"the run in {str(output_dir)!r} stopped before saving one"
+                    if (Path(output_dir) / CONFIG_FILE).is_file()
+                    else f"no run was started in {str(output_dir)!r}"
+                )
                 raise FileNotFoundError(
-                    f"--resume latest: no checkpoint in {str(root)!r}; no checkpoint was saved in "
-                    f"{str(output_dir)!r} yet"
+                    f"--resume latest: no checkpoint in {str(root)!r}: {why}, so there is nothing to continue; start "
+                    "afresh: run again without --resume (or with --overwrite)"
                 )
             what = f"names {name!r}, which is not a complete checkpoint" if name else "is missing or empty"
             logger.warning("%s %s; resuming from the newest complete checkpoint, %s", root / LATEST, what, found[-1])
             path = found[-1]
     else:
         path = Path(spec)
-        if not path.is_absolute() and not path.exists():
+        # A bare name (``step_000500``) is looked up in the run's checkpoints folder; a path is taken as given.
+        if not path.exists() and len(path.parts) == 1:
             path = root / spec
+        if not path.exists():
+            raise FileNotFoundError(f"--resume {spec!r}: {str(path)!r} does not exist; {_available(root)}")
+        if not path.is_dir():
+            raise NotADirectoryError(
+                f"--resume {spec!r}: {str(path)!r} is a file, not a checkpoint folder; {_available(root)}"
+            )
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"resume: {str(path)!r} is not a checkpoint folder (no state.json)")
+        raise FileNotFoundError(
+            f"--resume {spec!r}: {str(path)!r} is not a checkpoint folder (no state.json); {_available(root)}"
+        )
     return path
+
+
+def _available(root: Path) -> str:
+    """What a wrong ``--resume`` can use instead: the checkpoints of ``root``, or how to start afresh."""
+    found = list_checkpoints(root)
+    if found:
+        shown = ", ".join(str(p) for p in found[-3:])
+        return f"give --resume latest or one of the checkpoints in {str(root)!r}: {shown}"
+    return f"there is no checkpoint in {str(root)!r}; start afresh without --resume (or with --overwrite)"
+
+
+def newer_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """The checkpoint folders (complete or not) in ``folder``'s checkpoints folder saved after it, oldest first."""
+    folder = Path(folder)
+    mine = _sort_key(folder)
+    if mine is None or not folder.parent.is_dir():
+        return []
+    found = [(key, p) for p in folder.parent.iterdir() if (key := _sort_key(p)) and key > mine and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def set_aside_newer(folder: str | os.PathLike) -> Path | None:
+    """Resuming from ``folder`` when newer checkpoints exist: they belong to an abandoned branch of the run.
+
+    They are moved (never deleted) into ``<checkpoints>/abandoned-<UTC time>/`` so that pruning (``keep_last``)
+    sees only the resumed lineage, and ``latest`` is pointed at ``folder``. Returns the new folder, or None.
+    """
+    folder = Path(folder)
+    newer = newer_checkpoints(folder)
+    if not newer:
+        return None
+    root = folder.parent
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    aside = root / f"abandoned-{stamp}"
+    n = 1
+    while aside.exists():
+        aside = root / f"abandoned-{stamp}-{n}"
+        n += 1
+    aside.mkdir()
+    for path in newer:
+        os.rename(path, aside / path.name)
+    fsync_dir(root)
+    atomic_write_text(root / LATEST, folder.name + "\n")
+    logger.warning(
+        "resuming from %s, which is not the newest checkpoint: the newer %s (an abandoned branch of this run) moved "
+        "to %s; delete that folder once you no longer need it",
+        folder.name,
+        ", ".join(p.name for p in newer),
+        aside,
+    )
+    return aside
 
 
 def _earlier_hint(folder: Path) -> str:

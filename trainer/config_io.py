@@ -182,15 +182,27 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             import yaml
 
             data = yaml.safe_load(text)
-    except Exception as e:  # yaml.YAMLError / tomllib.TOMLDecodeError: report the file and the parser's message
-        raise ConfigError(f"cannot parse {str(path)!r}: {e}") from None
+    except Exception as e:  # yaml.YAMLError / tomllib.TOMLDecodeError: one line with the file, line and column
+        raise ConfigError(f"cannot parse {str(path)!r}: {_parse_error_line(e)}") from None
     if data is None:
-        return {}
+        # An empty file is most likely a mistake (a wrong or unsaved file): training on the defaults would hide it.
+        raise ConfigError(f"config file {str(path)!r} is empty; give a file with settings (model:, train:, ...)")
     if not isinstance(data, Mapping):
         raise ConfigError(
             f"{str(path)!r} must hold a mapping of sections (model:, train:, ...), got {type(data).__name__}"
         )
     return dict(data)
+
+
+def _parse_error_line(e: Exception) -> str:
+    """A YAML/TOML parser's error as one line: ``line L, column C: problem`` (YAML's message spans several)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None)
+    if mark is not None and problem:
+        context = getattr(e, "context", None)
+        what = f"{problem} ({context})" if context else problem
+        return f"line {mark.line + 1}, column {mark.column + 1}: {what}"
+    return " ".join(str(e).split())
 
 
 def merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:

@@ -232,7 +232,8 @@ def export_models(models, folder: str | os.PathLike, config, *, config_hash: str
     atomic_write_text(folder / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     for note in result.notes:
         logger.info("export: %s", note)
-    logger.info("exported %s to %s: %s", models.mode, folder, ", ".join(map(str, result.files)))
+    # Debug only: callers write into a temporary folder renamed afterwards, and log the final path themselves.
+    logger.debug("exported %s to %s: %s", models.mode, folder, ", ".join(map(str, result.files)))
     return result
 
 

@@ -48,10 +48,12 @@ from .build import (
 from .checkpoint import (
     CheckpointState,
     checkpoint_step,
+    list_checkpoints,
     load_checkpoint_files,
     remove_leftovers,
     resolve_resume,
     save_checkpoint,
+    set_aside_newer,
 )
 from .config import Config, ConfigError
 from .data import EncodingCache, build_dataset
@@ -61,12 +63,22 @@ from .resume import (
     changes_header,
     check_output_folder,
     earlier_run_files,
+    is_unsaved_run,
     move_earlier_run_aside,
     reconcile_resume_config,
 )
 from .step import LayoutDiffusionStep, encode_images
 
-__all__ = ["EncodedBatch", "ResumableBatchSampler", "StepOutcome", "TrainResult", "Trainer", "step_seed", "train"]
+__all__ = [
+    "EncodedBatch",
+    "ResumableBatchSampler",
+    "StepOutcome",
+    "TrainResult",
+    "Trainer",
+    "TrainingInterrupted",
+    "step_seed",
+    "train",
+]
 
 logger = get_logger(__name__)
 
@@ -174,6 +186,73 @@ class TrainResult:
     validations: list[Any] = field(default_factory=list)
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM stopped `Trainer.run`; ``checkpoint`` holds the ``step`` steps done (None when a
+    second interrupt stopped its save too). A KeyboardInterrupt, so a caller that does not catch it still stops."""
+
+    def __init__(
+        self, step: int, checkpoint: Path | None, latest: Path | None = None, *, broken: bool = False
+    ) -> None:
+        self.step, self.checkpoint, self.latest, self.broken = step, checkpoint, latest, broken
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        if self.checkpoint is not None:
+            return (
+                f"interrupted at step {self.step}; checkpoint {self.checkpoint} saved; continue with --resume latest"
+            )
+        if self.latest is not None:
+            kept = f"the newest checkpoint is {self.latest}; continue with --resume latest"
+        else:
+            kept = "no checkpoint was saved; run again to start afresh"
+        how = "during that step's optimizer update" if self.broken else "again during the checkpoint save"
+        return f"interrupted at step {self.step} ({how}; nothing half-written is left); {kept}"
+
+
+def _ignore_sigint_in_worker(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process, which stops at a step boundary and saves."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class _InterruptGuard:
+    """While training: SIGINT/SIGTERM only set ``requested``; the loop stops after the step in progress.
+
+    A second signal while a step reads or computes (before its first optimizer update) raises KeyboardInterrupt at
+    once (the step is abandoned and rewound); during the updates it is deferred so the saved state stays whole.
+    Handlers are installed only in the main thread (Python allows no other) and restored on exit.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.committing = False
+        self._old: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and not self.committing:
+            raise KeyboardInterrupt
+        if not self.requested:
+            logger.warning("interrupt received: stopping after the step in progress, then saving a checkpoint")
+        self.requested = True
+
+    def __enter__(self) -> _InterruptGuard:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+
 def _mean_terms(results) -> dict[str, float]:
     keys = {k for r in results for k in r.terms}
     return {k: float(np.mean([r.terms[k] for r in results if k in r.terms])) for k in sorted(keys)}
@@ -208,6 +287,12 @@ class Trainer:
         t = config.train
         self.output = Path(t.output_dir)
         earlier = check_output_folder(self.output, resume=bool(t.resume), overwrite=overwrite)
+        if not t.resume and not earlier and is_unsaved_run(self.output):
+            logger.info(
+                "%s holds the config.yaml of a run stopped before its first checkpoint (nothing trained to keep); "
+                "starting afresh there",
+                self.output,
+            )
         checkpoint = None
         self.config_changes: list[dict[str, Any]] = []
         if t.resume:
@@ -259,6 +344,8 @@ class Trainer:
             self.output.mkdir(parents=True, exist_ok=True)
             self._replaced = move_earlier_run_aside(self.output, earlier)
             remove_leftovers(self.output / "checkpoints")
+            if checkpoint is not None:  # newer checkpoints than the resumed one: an abandoned branch, kept aside
+                set_aside_newer(checkpoint[0])
             config.save(self.output / "config.yaml", header=changes_header(self.config_changes))
         # New weights (hint encoders, T2I-Adapters, the discriminator) draw from the global RNG: same seed, same init.
         torch.manual_seed(step_seed(t.seed, 0, _INIT))
@@ -318,12 +405,15 @@ class Trainer:
             batch_sampler=self.sampler,
             collate_fn=collate_reporting,
             num_workers=t.num_workers,
+            worker_init_fn=_ignore_sigint_in_worker if t.num_workers > 0 else None,
             persistent_workers=t.num_workers > 0,
             pin_memory=self.device.type == "cuda",
             # Its own generator: making the iterator must not draw from the global RNG (seeded per step).
             generator=torch.Generator().manual_seed(t.seed),
         )
         self._batches = None
+        self._guard = _InterruptGuard()
+        self._step_broken = False
 
     # ------------------------------------------------------------------ resume / checkpoints
     def _resume(self, folder: Path, state: CheckpointState, tensors: dict, objects: dict) -> None:
@@ -470,26 +560,43 @@ class Trainer:
 
     def train_step(self) -> StepOutcome:
         """Run optimizer step ``self.step`` (see the module docstring) and advance the counters."""
-        s, t = self.step, self.config.train
-        seed, accumulation = t.seed, t.gradient_accumulation_steps
+        s, seed = self.step, self.config.train.seed
         if self._batches is None:  # before seeding: starting workers must not shift this step's draws
             self._batches = iter(self._loader)
         torch.manual_seed(step_seed(seed, s, _GLOBAL))
         position = self.position
+        disc = self.models.discriminator
+        # D's BatchNorm running statistics change in its forward passes: kept to put back if the step is abandoned.
+        buffers = {name: b.detach().clone() for name, b in disc.named_buffers()} if disc is not None else {}
         try:
-            batches = [self.encode(self._next_batch(), _generator(seed, s, _ENCODE, k)) for k in range(accumulation)]
-        except SampleReadError:
-            # Nothing was updated: a checkpoint now resumes this step from its first batch.
+            return self._train_step(position, buffers)
+        except BaseException:
+            if self._guard.committing:
+                self._step_broken = True  # interrupted between its optimizer updates: no consistent state to save
+                raise
+            # Nothing was updated yet (a sample that cannot be read, an interrupt): put back what the step changed;
+            # a checkpoint now resumes this step from its first batch.
             self.position, self._batches = position, None
+            with torch.no_grad():
+                for name, b in disc.named_buffers() if disc is not None else ():
+                    b.copy_(buffers[name])
+            self.g_opt.zero_grad(set_to_none=True)
+            if self.d_opt is not None:
+                self.d_opt.zero_grad(set_to_none=True)
             raise
+        finally:
+            self._guard.committing = False
+
+    def _train_step(self, position: tuple[int, int], buffers: dict[str, torch.Tensor]) -> StepOutcome:
+        s, t = self.step, self.config.train
+        seed, accumulation = t.seed, t.gradient_accumulation_steps
+        batches = [self.encode(self._next_batch(), _generator(seed, s, _ENCODE, k)) for k in range(accumulation)]
         adversarial = self.step_fn.is_adversarial_step(s)
         autocast = self.accelerator.autocast
         terms: dict[str, float] = {}
         d_skipped = False
         if adversarial:
             disc = self.models.discriminator
-            # A non-finite batch would also poison D's BatchNorm running statistics: keep them to put back.
-            buffers = {name: b.detach().clone() for name, b in disc.named_buffers()}
             d_results = []
             for k, mb in enumerate(batches):
                 with autocast():
@@ -504,6 +611,7 @@ class Trainer:
             if not d_skipped:
                 d_skipped = not self._finish_update(self.d_opt, d_params, self.config.discriminator.max_grad_norm)
             if not d_skipped:
+                self._guard.committing = True  # from here on the step is finished, not abandoned
                 self.d_opt.step()
                 d_skipped = self.d_opt.step_was_skipped  # fp16: the grad scaler found inf/NaN gradients
             if not d_skipped:
@@ -527,6 +635,7 @@ class Trainer:
             if r.skipped:
                 break
         skipped = any(r.skipped for r in g_results)
+        self._guard.committing = True
         if not skipped:
             skipped = not self._finish_update(self.g_opt, self.models.parameters, self.config.optim.max_grad_norm)
         lr = self.g_opt.param_groups[0]["lr"]
@@ -583,50 +692,30 @@ class Trainer:
             result.validations.append(self.validate())
         bar = tqdm(total=t.steps, initial=self.step, desc="train", disable=not main, dynamic_ncols=True)
         last_checkpoint = None
-        try:
-            while self.step < end:
-                started = time.perf_counter()
-                try:
-                    outcome = self.train_step()
-                except SampleReadError as e:
-                    bar.close()
-                    saved = self.save_checkpoint()
-                    self.accelerator.end_training()
-                    raise SampleReadError(
-                        f"{str(e).rstrip('. ')}. Training stopped; checkpoint {saved} holds the {self.step} step(s) done: fix the file, "
-                        "then continue with --resume latest"
-                    ) from None
-                outcome.seconds = time.perf_counter() - started
-                result.history.append(outcome)
-                done = self.step
-                postfix = {k: f"{outcome.terms[k]:.4g}" for k in ("loss", "loss_adv", "d_loss") if k in outcome.terms}
-                postfix["lr"] = f"{outcome.lr:.2e}"
-                postfix["mem"] = f"{_peak_memory_gib(self.device):.2f}G"
-                if self.skipped_steps:
-                    postfix["skipped"] = self.skipped_steps
-                bar.set_postfix(postfix, refresh=False)
-                bar.update(1)
-                if self.tensorboard and (done % t.log_every == 0 or done == end):
-                    scalars = {f"train/{k}": val for k, val in outcome.terms.items()}
-                    scalars.update({"train/lr": outcome.lr, "train/skipped_steps": self.skipped_steps})
-                    self.accelerator.log(scalars, step=done)
-                if (
-                    self.validator is not None
-                    and v.every
-                    and done % v.every == 0
-                    and (done < t.steps or not v.at_end)
-                    and main
-                ):
-                    result.validations.append(self.validate())
-                if t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.steps:
+        guard = self._guard
+        guard.requested = False
+        self._last_checkpoint = None
+        with guard:
+            try:
+                last_checkpoint = self._loop(result, bar, end)
+                # The final save, under the guard: an interrupt during it lets it finish first.
+                if self.step < t.steps:  # stopped early: keep the state so the run can resume
+                    if last_checkpoint is None or checkpoint_step(last_checkpoint) != self.step:
+                        last_checkpoint = self.save_checkpoint()
+                else:
                     last_checkpoint = self.save_checkpoint()
-        finally:
-            bar.close()
-        if self.step < t.steps:  # stopped early: keep the state so the run can resume
-            if last_checkpoint is None or checkpoint_step(last_checkpoint) != self.step:
-                last_checkpoint = self.save_checkpoint()
-        else:
-            last_checkpoint = self.save_checkpoint()
+                if guard.requested:
+                    raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                raise self._interrupted(bar, last_checkpoint or self._last_checkpoint) from None
+            except Exception:
+                if not guard.requested:
+                    raise
+                # A DataLoader worker stopped by the signal (or the like) while the step was read: it was rewound.
+                raise self._interrupted(bar, last_checkpoint or self._last_checkpoint) from None
+            finally:
+                bar.close()
+        if self.step >= t.steps:
             if self.validator is not None and v.at_end and main:
                 result.validations.append(self.validate())
             if main:
@@ -635,6 +724,69 @@ class Trainer:
         self._batches = None
         result.steps_done, result.skipped_steps, result.checkpoint = self.step, self.skipped_steps, last_checkpoint
         return result
+
+    def _interrupted(self, bar, last_checkpoint: Path | None) -> TrainingInterrupted:
+        """Save the state after the last completed step (unless saved already) and describe the stop."""
+        bar.close()
+        self._guard.requested = True  # a further signal now stops the save (atomic: nothing half-written)
+        saved, broken = None, self._step_broken
+        try:
+            if broken:
+                logger.warning("interrupted during step %d's update: no checkpoint of it is saved", self.step)
+            elif last_checkpoint is not None and checkpoint_step(last_checkpoint) == self.step:
+                saved = last_checkpoint
+            else:
+                saved = self.save_checkpoint()
+        except KeyboardInterrupt:
+            pass
+        self.accelerator.end_training()
+        self._batches = None
+        found = list_checkpoints(self.output / "checkpoints")
+        return TrainingInterrupted(self.step, saved, found[-1] if found else None, broken=broken)
+
+    def _loop(self, result: TrainResult, bar, end: int) -> Path | None:
+        """Steps until ``end`` or an interrupt (with validation and checkpoints at their intervals); returns the
+        last checkpoint saved."""
+        t, v = self.config.train, self.config.validation
+        main = self.accelerator.is_main_process
+        last_checkpoint = None
+        while self.step < end and not self._guard.requested:
+            started = time.perf_counter()
+            try:
+                outcome = self.train_step()
+            except SampleReadError as e:
+                bar.close()
+                saved = self.save_checkpoint()
+                self.accelerator.end_training()
+                raise SampleReadError(
+                    f"{str(e).rstrip('. ')}. Training stopped; checkpoint {saved} holds the {self.step} step(s) done: fix the file, "
+                    "then continue with --resume latest"
+                ) from None
+            outcome.seconds = time.perf_counter() - started
+            result.history.append(outcome)
+            done = self.step
+            postfix = {k: f"{outcome.terms[k]:.4g}" for k in ("loss", "loss_adv", "d_loss") if k in outcome.terms}
+            postfix["lr"] = f"{outcome.lr:.2e}"
+            postfix["mem"] = f"{_peak_memory_gib(self.device):.2f}G"
+            if self.skipped_steps:
+                postfix["skipped"] = self.skipped_steps
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
+            if self.tensorboard and (done % t.log_every == 0 or done == end):
+                scalars = {f"train/{k}": val for k, val in outcome.terms.items()}
+                scalars.update({"train/lr": outcome.lr, "train/skipped_steps": self.skipped_steps})
+                self.accelerator.log(scalars, step=done)
+            if (
+                self.validator is not None
+                and v.every
+                and done % v.every == 0
+                and (done < t.steps or not v.at_end)
+                and main
+            ):
+                result.validations.append(self.validate())
+            if t.checkpoint_every and done % t.checkpoint_every == 0 and done < t.steps:
+                last_checkpoint = self._last_checkpoint = self.save_checkpoint()
+        return last_checkpoint
 
     def _final_export(self) -> ExportResult:
         import shutil
@@ -649,6 +801,7 @@ class Trainer:
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
         exported.folder = final
+        logger.info("exported %s to %s: %s", self.models.mode, final, ", ".join(map(str, exported.files)))
         return exported
 
 

@@ -1,11 +1,13 @@
 """What a run folder may hold before a run starts, and which settings may change when a run is resumed.
 
-**An earlier run in ``train.output_dir``** (a ``config.yaml``, ``checkpoints/`` or ``export/``) is never replaced
+**An earlier run in ``train.output_dir``** (a complete checkpoint or an ``export/``) is never replaced
 silently: `check_output_folder` refuses it unless the run resumes, or the caller asked to overwrite
 (``l2i-train --overwrite``). Overwriting moves the earlier run's files (`RUN_FILES`) into
 ``<output>/replaced-<UTC time>/`` (`move_earlier_run_aside`); the trainer deletes that folder once the new run has
 saved its first checkpoint, so a new run that stops early (bad data, a wrong setting) loses nothing. The encoding
-cache (``cache/``) stays: its entries are keyed by content and never stale.
+cache (``cache/``) stays: its entries are keyed by content and never stale. A folder with a ``config.yaml`` but no
+checkpoint (a run stopped before its first save) holds nothing trained: a plain rerun starts there afresh (with a
+log line, `is_unsaved_run`) instead of being refused with advice (``--resume``) that cannot work.
 
 **On resume the saved config is the truth.** The config a checkpoint was written with (its own ``config.yaml``;
 for checkpoints of older trainers, the run folder's ``config.yaml`` when its hash matches ``state.json``) is
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.logging import get_logger
-from .checkpoint import CONFIG_FILE, CheckpointState
+from .checkpoint import CONFIG_FILE, CheckpointState, list_checkpoints
 from .config import Config, ConfigError, config_from_dict
 from .config_io import read_config_file
 
@@ -37,6 +39,7 @@ __all__ = [
     "ResumeConfigError",
     "check_output_folder",
     "earlier_run_files",
+    "is_unsaved_run",
     "move_earlier_run_aside",
     "reconcile_resume_config",
     "saved_config_file",
@@ -115,13 +118,15 @@ def earlier_run_files(output: str | os.PathLike) -> list[str]:
     if not output.is_dir():
         return []
     present = [name for name in RUN_FILES if (output / name).exists()]
-    checkpoints = output / "checkpoints"
-    has_run = (
-        (output / CONFIG_FILE).is_file()
-        or (output / "export").exists()
-        or (checkpoints.is_dir() and any(checkpoints.iterdir()))
-    )
+    # A config.yaml alone (a run stopped before its first checkpoint) holds nothing trained: not protected.
+    has_run = (output / "export").exists() or bool(list_checkpoints(output / "checkpoints"))
     return present if has_run else []
+
+
+def is_unsaved_run(output: str | os.PathLike) -> bool:
+    """``output`` holds a config.yaml but no checkpoint and no export: a run stopped before its first save."""
+    output = Path(output)
+    return (output / CONFIG_FILE).is_file() and not earlier_run_files(output)
 
 
 def check_output_folder(output: str | os.PathLike, *, resume: bool, overwrite: bool) -> list[str]:

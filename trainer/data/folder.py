@@ -70,6 +70,10 @@ def list_folder(root: str | os.PathLike) -> list[SampleFiles]:
     """
     root = Path(root)
     images_dir, labels_dir = root / "images", root / "labels"
+    if root.exists() and not root.is_dir():
+        raise DatasetError(
+            f"dataset folder {str(root)!r} is a file, not a folder; give the folder holding images/ and labels/"
+        )
     if not root.is_dir():
         raise DatasetError(f"dataset folder {str(root)!r} does not exist")
     missing = [str(d) for d in (images_dir, labels_dir) if not d.is_dir()]
