@@ -4,6 +4,9 @@ Trains an ALDM ControlNet on the shipped toy base models (``weights/toy``), then
 the mIoU before and after training, the domain-word figures and the exported adapter are. ``--compare`` trains
 plain and ALDM ControlNets over several seeds and prints the comparison table. Logic: `layout2image.trainer.demo`.
 
+An ``--out`` that holds an earlier demo run is refused unless ``--overwrite``; one that holds files l2i-demo did
+not write is always refused (`layout2image.trainer.demo.check_demo_folder`).
+
 Progress goes to stderr (a line before each phase, bars for loops), the summary to stdout; bad input is one line
 ``l2i-demo: error: ...`` with exit status 2.
 """
@@ -33,6 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--plain", action="store_true", help="plain diffusion loss instead of ALDM")
     parser.add_argument(
         "--compare", action="store_true", help="train plain and ALDM ControlNets over --seeds and print a table"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier demo run (with --compare: comparison) in --out: its files are moved to "
+        "replaced-<time>/ there and deleted once the new run finishes; files l2i-demo did not write are never "
+        "touched (such a folder is refused)",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of --compare (0 1 2)")
     parser.add_argument("--num-train", type=positive_int, default=512, help="training scenes (default: 512)")
@@ -117,6 +127,7 @@ def _run(args) -> int:
         num_val=args.num_val,
         threads=args.threads or None,
         overrides=tuple(args.overrides),
+        overwrite=args.overwrite,
     )
     if args.compare:
         from ..trainer.demo import comparison_markdown

@@ -14,11 +14,13 @@ from layout2image.cli.demo import _reference_note, _summary
 from layout2image.cli.demo import main as demo_main
 from layout2image.core.toy import DOMAINS
 from layout2image.trainer.demo import (
+    DEMO_MARKER,
     VAL_START,
     ComparisonResult,
     DemoResult,
     _prompt_template,
     base_domain_figures,
+    check_demo_folder,
     comparison_markdown,
     demo_config,
     documented_comparison,
@@ -128,6 +130,109 @@ def test_short_demo_runs_end_to_end(tmp_path, capsys):
     metrics = sorted((out / "run" / "validation").glob("step_*/metrics.json"))
     assert [p.parent.name for p in metrics] == ["step_000000", "step_000002"]
     assert json.loads(metrics[0].read_text())["segmenter"] == str(TOY_WEIGHTS_DIR / "segmenter")
+
+    # A second run into the same folder is refused before anything is written; --overwrite replaces the earlier
+    # run (a plain one now: same folder names), reuses the dataset, and leaves no replaced-*/ behind.
+    stamp = (out / "summary.json").stat().st_mtime_ns
+    assert demo_main(["--out", str(out), "--plain", *SHORT, *SHORT_SET]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"l2i-demo: error: --out {str(out)!r} already holds an earlier demo run (domains.png, grid.png, grid_before.png, run, ... (5 in all));"
+        in err
+    )
+    assert "--overwrite" in err and "another --out" in err and "Traceback" not in err
+    assert (out / "summary.json").stat().st_mtime_ns == stamp
+    (out / "run" / "config.yaml").write_text(
+        "# the user edited the earlier run\n" + (out / "run" / "config.yaml").read_text()
+    )
+    assert demo_main(["--out", str(out), "--plain", "--overwrite", *SHORT, *SHORT_SET]) == 0
+    err = capsys.readouterr().err
+    assert (
+        "reusing the train split" in err
+        and "moved the earlier run's domains.png, grid.png, grid_before.png, run, summary.json to" in err
+    )
+    assert not json.loads((out / "summary.json").read_text())["adversarial"]
+    assert "the user edited" not in (out / "run" / "config.yaml").read_text()
+    assert not list(out.glob("replaced-*"))
+
+
+def _fake_demo(out: Path, *extra: str) -> Path:
+    """A folder shaped like a finished demo run (no training): marker, data cache, run/, figures."""
+    for split in ("train", "val"):
+        (out / "data" / split).mkdir(parents=True)
+        (out / "data" / split / DEMO_MARKER).write_text("{}\n")
+    (out / "run" / "export").mkdir(parents=True)
+    (out / "run" / "config.yaml").write_text("x\n")
+    for name in ("grid.png", "summary.json", DEMO_MARKER, *extra):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("x\n")
+    return out
+
+
+def test_demo_refuses_a_folder_it_did_not_write_and_deletes_nothing(tmp_path, capsys):
+    """The review's case: an --out with the user's run/ and data/train files is refused (even with --overwrite)
+    before anything is written; both files stay."""
+    out = tmp_path / "proj"
+    (out / "run").mkdir(parents=True)
+    (out / "data" / "train").mkdir(parents=True)
+    (out / "run" / "notes.txt").write_text("mine\n")
+    (out / "data" / "train" / "mine.txt").write_text("mine\n")
+    for flags in ([], ["--overwrite"], ["--compare", "--overwrite"]):
+        assert demo_main(["--out", str(out), *flags, *SHORT]) == 2
+        err = capsys.readouterr().err
+        line = next(x for x in err.splitlines() if x.startswith("l2i-demo: error:"))
+        assert f"--out {str(out)!r} is not empty and holds no earlier demo (data, run)" in line
+        assert "never replaces files it did not write" in line and "another --out" in line
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
+        "data/train/mine.txt",
+        "run/notes.txt",
+    ]
+
+
+def test_check_demo_folder_cases(tmp_path):
+    assert check_demo_folder(tmp_path / "new") == [] and check_demo_folder(tmp_path) == []  # new, empty
+    demo = _fake_demo(tmp_path / "demo")
+    with pytest.raises(FileExistsError, match="already holds an earlier demo run \\(grid.png, run, summary.json\\)"):
+        check_demo_folder(demo)
+    assert check_demo_folder(demo, overwrite=True) == ["grid.png", "run", "summary.json"]
+    assert check_demo_folder(demo, comparison=True) == []  # --compare into a demo folder writes other names
+    # Files the demo did not write, beside the run or inside run/: refused even with --overwrite.
+    for extra in ("notes.txt", "run/notes.txt", "aldm_seed0/run/mine.ckpt"):
+        other = _fake_demo(tmp_path / extra.replace("/", "_"), extra)
+        with pytest.raises(FileExistsError, match=f"did not write beside its earlier run \\({extra}\\)"):
+            check_demo_folder(other, overwrite=True, comparison=extra.startswith("aldm"))
+    comparison = _fake_demo(tmp_path / "cmp", "comparison.json", "plain_seed0/summary.json")
+    with pytest.raises(
+        FileExistsError, match=r"earlier comparison \(l2i-demo --compare\) \(comparison.json, plain_seed0\)"
+    ):
+        check_demo_folder(comparison, comparison=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is a file, not a folder"):
+        check_demo_folder(tmp_path / "file")
+
+
+def test_an_interrupted_demo_data_write_is_completed(tmp_path, monkeypatch):
+    """Ctrl-C while the demo writes its dataset: the next demo completes the split (no refusal, no rewrite)."""
+    from layout2image.core.toy import dataset
+
+    real, seen = dataset.save_label_map, []
+
+    def save(*args, **kwargs):
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        seen.append(1)
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(dataset, "save_label_map", save)
+        with pytest.raises(KeyboardInterrupt):
+            prepare_demo_data(tmp_path / "data", num_train=4, num_val=2, size=32)
+    first = tmp_path / "data" / "train" / "images" / "toy_000000.png"
+    stamp = first.stat().st_mtime_ns
+    prepare_demo_data(tmp_path / "data", num_train=4, num_val=2, size=32)
+    assert first.stat().st_mtime_ns == stamp and len(list(first.parent.iterdir())) == 4
+    prepare_demo_data(tmp_path / "data", num_train=3, num_val=2, size=32)  # other settings: the demo's own, rewritten
+    assert len(list(first.parent.iterdir())) == 3
 
 
 @needs_shipped

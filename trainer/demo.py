@@ -19,6 +19,11 @@ check, each validation, training and the domain-word sampling.
 `run_comparison` (``l2i-demo --compare``) trains a plain and an ALDM ControlNet with the same steps, data and
 seeds for several seeds and tabulates mIoU, the domain-word effect and the time per step.
 
+An ``--out`` folder is the demo's own: `check_demo_folder` refuses one that holds files the demo did not write
+(whatever ``overwrite`` says) and one that holds an earlier demo run or comparison unless ``overwrite``, which moves
+the earlier run's files to ``<out>/replaced-<time>/`` and deletes that folder once the new run has finished. The
+dataset in ``<out>/data`` is a cache: reused when it has the requested settings, else its toy files are rewritten.
+
 The layout mIoU is always measured with the toy world's evaluation segmenter (``weights/toy/segmenter``), never
 with the discriminator or its initialisation (``weights/toy/discriminator_init``).
 """
@@ -28,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -50,6 +56,7 @@ __all__ = [
     "ComparisonResult",
     "DemoResult",
     "base_domain_figures",
+    "check_demo_folder",
     "comparison_markdown",
     "demo_config",
     "documented_comparison",
@@ -116,20 +123,159 @@ class DemoResult:
 
 
 def prepare_demo_data(root: str | os.PathLike, num_train: int, num_val: int, size: int = 128) -> Path:
-    """Write (or reuse, when already complete) the demo dataset under ``root``: ``train/`` and ``val/``."""
+    """Write (or reuse, when already complete) the demo dataset under ``root``: ``train/`` and ``val/``.
+
+    A split the demo wrote with other settings has its toy files rewritten; an interrupted write is completed
+    (`write_dataset`); nothing else in the folders is deleted.
+    """
+    from ..core.toy.dataset import WRITING_MARKER
+
     root = Path(root)
     for split, num, start in (("train", num_train, 0), ("val", num_val, VAL_START)):
         folder = root / split
-        marker = folder / "l2i-demo.json"
+        marker = folder / DEMO_MARKER
         wanted = {"num": num, "start": start, "seed": _DATA_SEED, "size": size}
-        if marker.is_file() and json.loads(marker.read_text()) == wanted:
+        earlier = _read_json(marker)
+        if earlier == wanted:
             logger.info("reusing the %s split in %s (%d scenes)", split, folder, num)
             continue
         logger.info("writing the %s split: %d toy scenes of %dx%d to %s", split, num, size, size, folder)
-        shutil.rmtree(folder, ignore_errors=True)
-        write_dataset(folder, num, seed=_DATA_SEED, size=size, start=start, preview_rows=0, progress=True)
+        # The demo's own split of other settings (its marker, or its interrupted write of other settings): replace
+        # its toy files. Without either, write_dataset refuses a toy dataset it would overwrite.
+        overwrite = earlier is not None
+        marker.unlink(missing_ok=True)
+        kwargs = dict(seed=_DATA_SEED, size=size, start=start, preview_rows=0, progress=True)
+        try:
+            write_dataset(folder, num, overwrite=overwrite, **kwargs)
+        except FileExistsError:
+            if not (folder / WRITING_MARKER).is_file():
+                raise
+            write_dataset(folder, num, overwrite=True, **kwargs)
         atomic_write_text(marker, json.dumps(wanted) + "\n")
     return root
+
+
+#: Written into every demo folder (and each data split): the folder is the demo's, to reuse or replace.
+DEMO_MARKER = "l2i-demo.json"
+_DEMO_OUTPUTS = ("run", "grid.png", "grid_before.png", "domains.png", "summary.json")
+_COMPARISON_OUTPUTS = ("comparison.json", "comparison.md")
+_SEED_FOLDER = re.compile(r"(plain|aldm)_seed-?\d+")
+_RUN_CACHE = "cache"  # the trainer's latent cache inside run/
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _foreign_files(out: Path, prefix: str = "") -> list[str]:
+    """The entries of a demo folder that no demo run wrote (relative paths): anything but its own outputs, data/,
+    replaced-*/ and, inside run/, the trainer's files."""
+    from .resume import RUN_FILES
+
+    found = []
+    for entry in sorted(out.iterdir()):
+        name = entry.name
+        if name in (DEMO_MARKER, "data", *_DEMO_OUTPUTS[1:], *_COMPARISON_OUTPUTS) or name.startswith("replaced-"):
+            continue
+        if name == "run" and entry.is_dir():
+            found += [
+                f"{prefix}run/{e.name}"
+                for e in sorted(entry.iterdir())
+                if e.name not in (*RUN_FILES, _RUN_CACHE) and not e.name.startswith("replaced-")
+            ]
+        elif _SEED_FOLDER.fullmatch(name) and entry.is_dir():
+            found += _foreign_files(entry, f"{prefix}{name}/")
+        else:
+            found.append(prefix + name)
+    return found
+
+
+def _listing(names: Sequence[str], most: int = 4) -> str:
+    return ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")
+
+
+def check_demo_folder(out: str | os.PathLike, *, overwrite: bool = False, comparison: bool = False) -> list[str]:
+    """Refuse a demo folder that holds other files, or an earlier run unless ``overwrite`` (writes nothing).
+
+    Args:
+        out (`str` or `os.PathLike`): the ``--out`` folder.
+        overwrite (`bool`, defaults to False): replace an earlier demo run (``comparison``: comparison) there.
+        comparison (`bool`, defaults to False): the folder is for ``--compare``.
+
+    Returns:
+        `list[str]`: the earlier run's entries, to move aside (empty without ``overwrite``).
+
+    Raises:
+        FileExistsError: files the demo did not write (even with ``overwrite``), or an earlier run without it.
+        NotADirectoryError: ``out`` is a file.
+    """
+    out = Path(out)
+    if not out.exists():
+        return []
+    if not out.is_dir():
+        raise NotADirectoryError(f"--out {str(out)!r} is a file, not a folder")
+    entries = sorted(e.name for e in out.iterdir())
+    if not entries:
+        return []
+    never = "l2i-demo never replaces files it did not write, not even with --overwrite"
+    # A folder of an older l2i-demo has no marker of its own, only the one in its train split.
+    if not (out / DEMO_MARKER).is_file() and not (out / "data" / "train" / DEMO_MARKER).is_file():
+        raise FileExistsError(
+            f"--out {str(out)!r} is not empty and holds no earlier demo ({_listing(entries)}); {never}: choose "
+            "another --out (a new or empty folder)"
+        )
+    foreign = _foreign_files(out)
+    if foreign:
+        raise FileExistsError(
+            f"--out {str(out)!r} holds files l2i-demo did not write beside its earlier run ({_listing(foreign)}); "
+            f"{never}: move them out or choose another --out"
+        )
+    if comparison:
+        earlier = [n for n in entries if n in _COMPARISON_OUTPUTS or _SEED_FOLDER.fullmatch(n)]
+    else:
+        earlier = [n for n in entries if n in _DEMO_OUTPUTS]
+    if earlier and not overwrite:
+        what = "comparison (l2i-demo --compare)" if comparison else "demo run"
+        raise FileExistsError(
+            f"--out {str(out)!r} already holds an earlier {what} ({_listing(earlier)}); replace it with --overwrite "
+            "(its files are moved to replaced-<time>/ in that folder and deleted once the new run finishes; the "
+            "dataset in data/ is reused) or choose another --out"
+        )
+    return earlier if overwrite else []
+
+
+def _move_aside(out: Path, names: list[str]) -> Path | None:
+    """Move ``names`` (from `check_demo_folder`) into ``out/replaced-<UTC time>/``; returns that folder."""
+    if not names:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    folder, n = out / f"replaced-{stamp}", 1
+    while folder.exists():
+        folder, n = out / f"replaced-{stamp}-{n}", n + 1
+    folder.mkdir()
+    for name in names:
+        os.rename(out / name, folder / name)
+    logger.info(
+        "--overwrite: moved the earlier run's %s to %s (deleted once this run finishes)", ", ".join(names), folder
+    )
+    return folder
+
+
+def _claim(out: Path, *, overwrite: bool, comparison: bool) -> Path | None:
+    """Check ``out`` (`check_demo_folder`), move an earlier run aside, mark the folder as the demo's."""
+    replaced = _move_aside(out, check_demo_folder(out, overwrite=overwrite, comparison=comparison))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / DEMO_MARKER, json.dumps({"written_by": "l2i-demo"}) + "\n")
+    return replaced
+
+
+def _drop_replaced(replaced: Path | None) -> None:
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+        logger.info("deleted the earlier run's files (%s)", replaced)
 
 
 def demo_config(
@@ -306,6 +452,7 @@ def run_demo(
     overrides: tuple[str, ...] = (),
     data_root: str | os.PathLike | None = None,
     base: str = "builtin:toy",
+    overwrite: bool = False,
 ) -> DemoResult:
     """Train one toy ControlNet and measure it (see the module docstring).
 
@@ -319,13 +466,17 @@ def run_demo(
         overrides (`tuple[str, ...]`): extra ``key=value`` trainer settings.
         data_root (`str`, *optional*): dataset folder to write/reuse (default ``out/data``).
         base (`str`, defaults to ``"builtin:toy"``): the base model (another folder: no segmenters, no mIoU).
+        overwrite (`bool`, defaults to False): replace an earlier demo run in ``out`` (`check_demo_folder`).
 
     Returns:
         `DemoResult` (also written to ``out/summary.json``).
+
+    Raises:
+        FileExistsError: ``out`` holds files the demo did not write, or an earlier run and not ``overwrite``.
     """
     start = time.perf_counter()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    replaced = _claim(out, overwrite=overwrite, comparison=False)
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
@@ -335,8 +486,7 @@ def run_demo(
         logger.info("loading the trainer and the base model (%s)", base)
         from .loop import Trainer
 
-        run_dir = out / "run"
-        shutil.rmtree(run_dir, ignore_errors=True)  # a demo starts fresh (l2i-train --resume is for long runs)
+        run_dir = out / "run"  # absent: check_demo_folder refused it or moved it aside
         config = demo_config(
             data,
             run_dir,
@@ -397,6 +547,7 @@ def run_demo(
             base_night_minus_day_brightness=base_figures.get("night_minus_day_brightness"),
         )
         atomic_write_text(files["summary"], json.dumps(demo.to_dict(), indent=2) + "\n")
+        _drop_replaced(replaced)
         return demo
     finally:
         torch.set_num_threads(previous)
@@ -474,10 +625,14 @@ def run_comparison(
     num_val: int = 16,
     threads: int | None = 2,
     overrides: tuple[str, ...] = (),
+    overwrite: bool = False,
 ) -> ComparisonResult:
-    """Train plain and ALDM ControlNets with the same data, steps and seeds; write ``comparison.{json,md}``."""
+    """Train plain and ALDM ControlNets with the same data, steps and seeds; write ``comparison.{json,md}``.
+
+    ``overwrite`` replaces an earlier comparison in ``out`` (`check_demo_folder`); a demo run there is kept.
+    """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    replaced = _claim(out, overwrite=overwrite, comparison=True)
     data = prepare_demo_data(out / "data", num_train, num_val)
     runs: dict[str, list[DemoResult]] = {"plain": [], "ALDM": []}
     for seed in seeds:
@@ -499,4 +654,5 @@ def run_comparison(
     comparison = ComparisonResult(runs, list(seeds), runs["plain"][0].steps)
     atomic_write_text(out / "comparison.json", json.dumps(comparison.to_dict(), indent=2) + "\n")
     atomic_write_text(out / "comparison.md", comparison_markdown(comparison))
+    _drop_replaced(replaced)
     return comparison
