@@ -141,6 +141,27 @@ def _run(args) -> int:
     return 0
 
 
+def _interruptible(args) -> int:
+    """`_run`; Ctrl-C says what is kept and how to go on (run_reporting_errors prints it on one line)."""
+    try:
+        return _run(args)
+    except KeyboardInterrupt as e:
+        kept = [str(e)] if str(e) else []
+        kept.append(f"the dataset written so far in {os.path.join(args.out, 'data')} is kept and reused")
+        started = os.path.exists(os.path.join(args.out, "run")) or any(
+            n.endswith(tuple(f"_seed{s}" for s in args.seeds)) for n in _names(args.out)
+        )
+        again = "l2i-demo again with --overwrite" if started else "the same command again"
+        raise KeyboardInterrupt("; ".join(kept) + f"; to start over, run {again}") from None
+
+
+def _names(folder: str) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except OSError:
+        return []
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # See cli/toy_base.py: spinning OpenMP waiters make a busy 2-core machine many times slower.
@@ -152,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     handler = _show_progress()
     try:
-        return run_reporting_errors("l2i-demo", lambda: _run(args))
+        return run_reporting_errors("l2i-demo", lambda: _interruptible(args))
     finally:
         demo_logger = logging.getLogger("layout2image.trainer.demo")
         demo_logger.removeHandler(handler)

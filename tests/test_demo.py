@@ -319,3 +319,20 @@ def test_readme_quotes_the_documented_comparison_as_a_three_seed_mean():
     assert re.search(r"mean ± standard deviation over seeds 0, 1,\s+2", sentence), sentence
     seed0 = next(r["miou_after"] for r in documented["runs"]["ALDM"] if r["seed"] == 0)
     assert f"{seed0:.2f}" in sentence  # the single run a user gets with the default seed
+
+
+def test_ctrl_c_is_one_line_that_says_what_is_kept(tmp_path, monkeypatch, capsys):
+    from layout2image.trainer import demo
+
+    out = tmp_path / "demo"
+
+    def interrupted(where, **kwargs):
+        (Path(where) / "run").mkdir(parents=True)  # training had begun
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "run_demo", interrupted)
+    assert demo_main(["--out", str(out), *SHORT]) == 130
+    err = capsys.readouterr().err
+    line = err.splitlines()[-1]
+    assert line.startswith("l2i-demo: interrupted; the dataset written so far in ") and "Traceback" not in err
+    assert line.endswith("to start over, run l2i-demo again with --overwrite")
