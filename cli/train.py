@@ -17,6 +17,13 @@ An ``--output`` folder that already holds a run is refused unless ``--resume`` (
 (start afresh) is given. On resume the run's saved config is the truth: only the settings in
 `layout2image.trainer.resume.RESUMABLE` may differ (they are applied and recorded); any other difference is refused
 before anything is written. The dataset is checked before training (`layout2image.trainer.data.check`).
+A folder holding only the ``config.yaml`` of a run stopped before its first checkpoint is not protected: nothing
+trained is there, and a plain rerun starts afresh. The ``--output``, ``--data``, ``--config`` and ``--resume`` paths
+are checked first, each named in a one-line error. Resuming from a checkpoint older than the newest moves the newer
+ones (an abandoned branch) to ``checkpoints/abandoned-<UTC time>/``.
+
+Ctrl-C (SIGINT) or SIGTERM stops training at the end of the step in progress: a checkpoint is saved, then one line
+``interrupted at step N; checkpoint <dir> saved; continue with --resume latest`` and exit status 130.
 
 Only ``argparse`` and the preset names are imported to build the parser: ``--help`` answers at once, and torch,
 diffusers and peft load when a command runs.

@@ -519,15 +519,16 @@ def uninterrupted(tiny_world, tmp_path_factory) -> Path:
 
 
 def _raise_at(monkeypatch, method: str, step: int, action) -> None:
-    """Make ``LayoutDiffusionStep.<method>`` run ``action()`` the first time it is called at ``step``."""
+    """Make ``LayoutDiffusionStep.<method>`` run ``action()`` after its first call at ``step``."""
     original = getattr(LayoutDiffusionStep, method)
     done = []
 
     def patched(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)  # first the forward/backward (D's BatchNorm statistics change)
         if self.step_index == step and not done:
             done.append(True)
             action()
-        return original(self, *args, **kwargs)
+        return out
 
     monkeypatch.setattr(LayoutDiffusionStep, method, patched)
     # The step index reaches the step code through the trainer: record it on the step object each step.
@@ -583,17 +584,20 @@ def test_an_interrupt_inside_a_step_saves_a_checkpoint_that_resumes_exactly(
         assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a), stem
 
 
-def test_sigint_lets_the_step_in_progress_finish_then_saves(tiny_world, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_lets_the_step_in_progress_finish_then_saves(tiny_world, tmp_path, capsys, monkeypatch, signum):
     out = tmp_path / "run"
     settings = ("train.steps=3", "train.keep_last=0")
     with monkeypatch.context() as m:
-        # A real SIGINT to this process in the middle of step 1: the handler defers it to the step's end.
-        _raise_at(m, "generator_step", 1, lambda: os.kill(os.getpid(), signal.SIGINT))
+        # A real signal to this process in the middle of step 1: the handler defers it to the step's end.
+        _raise_at(m, "generator_step", 1, lambda: os.kill(os.getpid(), signum))
         assert _cli(tiny_world, out, *settings) == 130
     assert _interrupted_line(capsys).startswith("l2i-train: interrupted at step 2; checkpoint ")
     (saved,) = list_checkpoints(out / "checkpoints")
     assert json.loads((saved / "state.json").read_text())["step"] == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    # The handlers are put back.
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
 def test_an_interrupt_between_the_optimizer_updates_saves_nothing_of_that_step(

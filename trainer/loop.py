@@ -15,6 +15,11 @@ One optimizer step ``s`` (0-based; ``train.gradient_accumulation_steps`` = A bat
 Mixed precision runs through ``accelerator.autocast()``; with fp16, accelerate's grad scaler is used by both
 optimizers. Several processes (``accelerate launch``) each read their share of every global batch; gradients are
 averaged with an all-reduce before clipping (no DDP wrapper, so the step code sees the bare modules).
+
+SIGINT/SIGTERM during `Trainer.run` (`_InterruptGuard`) are deferred to the end of the step in progress; then a
+checkpoint is saved and `TrainingInterrupted` raised. A KeyboardInterrupt inside a step before its first optimizer
+update abandons it (data position and D's BatchNorm statistics rewound, as for a sample that cannot be read), so the
+checkpoint always holds whole steps and a resumed run matches an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -725,6 +730,14 @@ class Trainer:
         result.steps_done, result.skipped_steps, result.checkpoint = self.step, self.skipped_steps, last_checkpoint
         return result
 
+    def _stop_requested(self) -> bool:
+        """Whether any process got SIGINT/SIGTERM: all stop at the same step boundary (else the collectives hang)."""
+        if self.accelerator.num_processes > 1:
+            flag = torch.tensor([float(self._guard.requested)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            self._guard.requested = bool(flag.item())
+        return self._guard.requested
+
     def _interrupted(self, bar, last_checkpoint: Path | None) -> TrainingInterrupted:
         """Save the state after the last completed step (unless saved already) and describe the stop."""
         bar.close()
@@ -750,7 +763,7 @@ class Trainer:
         t, v = self.config.train, self.config.validation
         main = self.accelerator.is_main_process
         last_checkpoint = None
-        while self.step < end and not self._guard.requested:
+        while self.step < end and not self._stop_requested():
             started = time.perf_counter()
             try:
                 outcome = self.train_step()
