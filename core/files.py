@@ -20,6 +20,7 @@ __all__ = [
     "atomic_write_text",
     "default_file_mode",
     "make_parent",
+    "move_into_fresh_folder",
     "save_safetensors_atomic",
 ]
 
@@ -122,3 +123,29 @@ def save_safetensors_atomic(
     with atomic_path(path) as tmp:
         save_file(dict(tensors), str(tmp), metadata=dict(metadata) if metadata is not None else None)
     return Path(path)
+
+
+def move_into_fresh_folder(parent: str | os.PathLike, prefix: str, paths: list[Path]) -> Path:
+    """Move ``paths`` (each directly below ``parent``) into a new folder ``parent/<prefix>-<UTC time>[-N]/``.
+
+    Used to set a user's earlier work aside instead of deleting it (``replaced-*`` on ``--overwrite``, abandoned
+    checkpoints on resume). Each move is one rename, so a kill leaves every path either where it was or in the new
+    folder. Paths that no longer exist are skipped.
+
+    Returns:
+        `Path`: the new folder.
+    """
+    import time
+
+    parent = Path(parent)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    folder, n = parent / f"{prefix}-{stamp}", 1
+    while folder.exists():
+        folder, n = parent / f"{prefix}-{stamp}-{n}", n + 1
+    folder.mkdir()
+    for path in paths:
+        path = Path(path)
+        if path.exists() or path.is_symlink():
+            os.rename(path, folder / path.name)
+    fsync_dir(parent)
+    return folder

@@ -164,3 +164,17 @@ def test_the_default_umask_gives_readable_files(tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_move_into_fresh_folder_never_reuses_a_folder(tmp_path):
+    """Two set-asides in the same second get two folders; nothing is deleted, missing paths are skipped."""
+    from layout2image.core.files import move_into_fresh_folder
+
+    (tmp_path / "a").write_text("1")
+    (tmp_path / "b").mkdir()
+    first = move_into_fresh_folder(tmp_path, "replaced", [tmp_path / "a", tmp_path / "b", tmp_path / "gone"])
+    (tmp_path / "a").write_text("2")
+    second = move_into_fresh_folder(tmp_path, "replaced", [tmp_path / "a"])
+    assert first != second and first.name.startswith("replaced-") and second.name.startswith("replaced-")
+    assert (first / "a").read_text() == "1" and (first / "b").is_dir() and (second / "a").read_text() == "2"
+    assert not (tmp_path / "a").exists()

@@ -30,7 +30,6 @@ import json
 import os
 import re
 import shutil
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Any
 
 import torch
 
-from ..core.files import atomic_path, atomic_write_text, fsync_dir, save_safetensors_atomic
+from ..core.files import atomic_path, atomic_write_text, fsync_dir, move_into_fresh_folder, save_safetensors_atomic
 from ..core.logging import get_logger
 
 __all__ = [
@@ -327,16 +326,7 @@ def set_aside_newer(folder: str | os.PathLike) -> Path | None:
     if not newer:
         return None
     root = folder.parent
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    aside = root / f"abandoned-{stamp}"
-    n = 1
-    while aside.exists():
-        aside = root / f"abandoned-{stamp}-{n}"
-        n += 1
-    aside.mkdir()
-    for path in newer:
-        os.rename(path, aside / path.name)
-    fsync_dir(root)
+    aside = move_into_fresh_folder(root, "abandoned", newer)
     atomic_write_text(root / LATEST, folder.name + "\n")
     logger.warning(
         "resuming from %s, which is not the newest checkpoint: the newer %s (an abandoned branch of this run) moved "

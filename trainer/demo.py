@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..core.files import atomic_path, atomic_write_text
+from ..core.files import atomic_path, atomic_write_text, move_into_fresh_folder
 from ..core.logging import get_logger
 from ..core.metrics import MeanIoU
 from ..core.toy import DOMAINS, HELDOUT_START, image_stats, write_dataset
@@ -251,13 +251,7 @@ def _move_aside(out: Path, names: list[str]) -> Path | None:
     """Move ``names`` (from `check_demo_folder`) into ``out/replaced-<UTC time>/``; returns that folder."""
     if not names:
         return None
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    folder, n = out / f"replaced-{stamp}", 1
-    while folder.exists():
-        folder, n = out / f"replaced-{stamp}-{n}", n + 1
-    folder.mkdir()
-    for name in names:
-        os.rename(out / name, folder / name)
+    folder = move_into_fresh_folder(out, "replaced", [out / name for name in names])
     logger.info(
         "--overwrite: moved the earlier run's %s to %s (deleted once this run finishes)", ", ".join(names), folder
     )

@@ -22,11 +22,11 @@ and are never compared.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..core.files import move_into_fresh_folder
 from ..core.logging import get_logger
 from .checkpoint import CONFIG_FILE, CheckpointState, list_checkpoints
 from .config import Config, ConfigError, config_from_dict
@@ -153,16 +153,7 @@ def move_earlier_run_aside(output: str | os.PathLike, names: list[str]) -> Path 
     if not names:
         return None
     output = Path(output)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    folder = output / f"replaced-{stamp}"
-    n = 1
-    while folder.exists():
-        folder = output / f"replaced-{stamp}-{n}"
-        n += 1
-    folder.mkdir()
-    for name in names:
-        if (output / name).exists():
-            os.rename(output / name, folder / name)
+    folder = move_into_fresh_folder(output, "replaced", [output / name for name in names])
     logger.warning(
         "--overwrite: moved the earlier run's %s to %s; it is deleted once this run saves its first checkpoint",
         ", ".join(names),
