@@ -186,15 +186,17 @@ def test_ui_workflow_is_a_consistent_graph_of_known_nodes(path, specs):
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
 def test_nodes_do_not_cover_each_other(path, specs):
     """No two nodes overlap (the frontend draws a 30 px title bar above ``pos``), and a node with an image upload
-    has room for the preview the frontend shows under its widgets (about 320 px tall for a square image; in real
-    ComfyUI it covered the nodes below in template 04 before)."""
+    or an output node (which shows its images after a run) has room for the preview the frontend shows under its
+    widgets (about 320 px tall for a square image; in real ComfyUI the Load Image preview covered the nodes below
+    in template 04, and after a run the Preview Label Map and Save Image previews covered them in template 06)."""
     wf = _load(path)
     rects = [(n["id"], n["pos"][0], n["pos"][1] - 30, n["size"][0], n["size"][1] + 30) for n in wf["nodes"]]
     for i, (a, ax, ay, aw, ah) in enumerate(rects):
         for b, bx, by, bw, bh in rects[i + 1 :]:
             assert not (ax < bx + bw and bx < ax + aw and ay < by + bh and by < ay + ah), f"nodes {a} and {b} overlap"
     for node in wf["nodes"]:
-        if any(i.get("image_upload") for i in specs[node["type"]]["inputs"]):
+        spec = specs[node["type"]]
+        if spec["output_node"] or any(i.get("image_upload") for i in spec["inputs"]):
             assert node["size"][1] + 30 >= 330, f"{path.name} node {node['id']}: no room for the image preview"
 
 

@@ -80,6 +80,9 @@ NEGATIVE = "blurry, low quality, distorted"
 
 #: Room left under an upload combo's node for the frontend's image preview (a square image at node width 320).
 UPLOAD_PREVIEW_HEIGHT = 280
+#: Room left under an output node (Save/Preview Image, Preview Label Map) for the images it shows after a run: in
+#: the real frontend the node grows to hold them and, without the room, covered the nodes below (template 06).
+RESULT_PREVIEW_HEIGHT = 280
 #: Upload options of a COMBO input (V1 ``{"image_upload": True}``, V3 ``io.Combo.Input(upload=UploadType.image)``).
 UPLOAD_KINDS = ("image_upload", "animated_image_upload", "video_upload", "audio_upload")
 
@@ -336,7 +339,8 @@ class Graph:
             # an upload combo shows the picked image under its widgets (the frontend grows the node to about
             # 320 px for a square image at this width); without the room it covers the nodes below
             preview = any(i.get(k) for i in node.spec["inputs"] for k in UPLOAD_KINDS)
-            sizes[node.id] = [320, 46 + 24 * rows + (60 if tall else 0) + (UPLOAD_PREVIEW_HEIGHT if preview else 0)]
+            room = UPLOAD_PREVIEW_HEIGHT if preview else RESULT_PREVIEW_HEIGHT if node.spec["output_node"] else 0
+            sizes[node.id] = [320, 46 + 24 * rows + (60 if tall else 0) + room]
         return sizes
 
     def _positions(self) -> dict[int, list[int]]:
