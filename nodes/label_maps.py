@@ -485,10 +485,13 @@ class L2IPreviewLabelMap(io.ComfyNode):
     @classmethod
     def execute(cls, label_map: LabelMap) -> io.NodeOutput:
         label_set = label_map.label_set
-        image = image_from_uint8(colorize(label_map.numpy(), label_set))
+        ids = label_map.numpy()
+        image = image_from_uint8(colorize(ids, label_set))
         present = label_map.present_classes()
+        has_ignore = bool((ids == label_map.ignore_index).any())  # drawn black: the legend says what black means
         rows_fit = max(12, label_map.size[0] // 18)  # legend rows of 18 px: about as tall as the map
-        legend = image_from_uint8(legend_image(label_set, present, columns=max(1, -(-len(present) // rows_fit))))
+        columns = max(1, -(-(len(present) + has_ignore) // rows_fit))
+        legend = image_from_uint8(legend_image(label_set, present, columns=columns, ignore=has_ignore))
         return io.NodeOutput(image, legend, ui=ui.PreviewImage([*image, legend[0]], cls=cls))
 
 

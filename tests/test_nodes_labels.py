@@ -225,6 +225,11 @@ def test_preview_colours_and_legend(comfy):
     assert torch.allclose(image[0, 5, 0] * 255, torch.tensor(TOY.palette[1], dtype=torch.float32))
     assert torch.equal(image[0, 0, 0], torch.zeros(3))  # ignore is black
     assert legend.ndim == 4 and legend.shape[-1] == 3 and legend.shape[1] >= 3 * 18
+    # the map has ignore pixels (drawn black): the legend has one more row (18 px) than the same classes without
+    no_ignore = comfy.types.LabelMap.from_numpy(np.where(_toy_ids() == TOY.ignore_index, 0, _toy_ids()), TOY)
+    assert no_ignore.present_classes() == label_map.present_classes()
+    _, plain_legend = comfy.labels.L2IPreviewLabelMap.execute(label_map=no_ignore).args
+    assert legend.shape[1] - plain_legend.shape[1] == 18
     assert len(out.ui.images) == 2  # the colour map and the legend are shown
     assert torch.equal(label_map.ids, before)
     assert comfy.labels.L2IPreviewLabelMap.GET_SCHEMA().is_output_node
