@@ -6,6 +6,7 @@ Examples::
         --domains day night snow fog --steps 20 --scheduler dpm-solver++
     l2i-generate --base v1-5-pruned-emaonly.safetensors --adapter aldm_ade20k.safetensors \\
         --input my_label_maps/ --label-set ade20k --prompt-file domains.txt --samples 4 --out synth_ade
+    l2i-generate ... --filter-miou 0.5 --filter-action drop --segmenter builtin:toy   (keep images the segmenter reads)
     accelerate launch --num_processes 2 --cpu -m layout2image.cli.generate ...   (same files as one process)
 
 The input is a dataset folder (``labels/`` + ``captions.jsonl``/``labelset.yaml``), a folder of label maps, or a
@@ -56,7 +57,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="frozen weights: auto, fp32, fp16, bf16 (half on CUDA only)")
     p.add_argument("--threads", type=non_negative_int, default=0, help="torch CPU threads (0 keeps torch's)")
     p.add_argument("--overwrite", action="store_true", help="replace another run's output in --out")
+    p.add_argument(
+        "--filter-miou",
+        type=_unit_float,
+        metavar="T",
+        help="score each image's layout mIoU with --segmenter; flag or drop those under T (0..1)",
+    )
+    p.add_argument(
+        "--filter-action",
+        choices=("flag", "drop"),
+        default="flag",
+        help="images under --filter-miou: flag keeps and marks them, drop writes no image/label/caption (default flag)",
+    )
+    p.add_argument(
+        "--segmenter",
+        help="segmenter scoring the images: builtin:toy or a local transformers folder whose id2label names the label "
+        "set's classes (default builtin:toy with --filter-miou; alone, it records scores without filtering)",
+    )
     return p
+
+
+def _unit_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected an mIoU threshold in [0, 1], got {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,10 +125,17 @@ def _generate(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         domains=domains,
         device=torch.device(device).type,
+        filter_miou=args.filter_miou,
+        filter_action=args.filter_action,
     )
     make_scheduler(args.scheduler, {})  # a bad name fails before any model is loaded
     if state.is_main_process:
         precheck_output_folder(args.out, settings, overwrite=args.overwrite)
+    segmenter = None
+    if args.segmenter or args.filter_miou is not None:  # a bad folder fails before the base model is loaded
+        from ..core.segmenters import load_segmenter
+
+        segmenter = load_segmenter(args.segmenter or "builtin:toy", what="--segmenter")
     pipe = LayoutPipeline.from_pretrained(
         args.base,
         args.adapter,
@@ -121,6 +156,7 @@ def _generate(args: argparse.Namespace) -> int:
             num_processes=state.num_processes,
             barrier=state.wait_for_everyone if state.num_processes > 1 else None,
             progress=True,
+            segmenter=segmenter,
         )
     except KeyboardInterrupt:
         raise KeyboardInterrupt(
@@ -133,6 +169,8 @@ def _generate(args: argparse.Namespace) -> int:
             f"({result.images_per_second:.2f} images/s on process 0 of {state.num_processes}), "
             f"{result.skipped} already done; {'complete' if result.complete else 'NOT complete'}"
         )
+        if result.complete and args.filter_miou is not None:
+            msg += f"; mIoU < {args.filter_miou}: {result.dropped} dropped, {result.flagged} flagged"
         log.info(msg)
         print(msg)
     return 0

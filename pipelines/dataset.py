@@ -23,6 +23,15 @@ the rerun). When every chunk is done the main process
 writes ``captions.jsonl`` and the full manifest and removes ``.l2i-generate/``. The manifest written at the start
 holds the run's key (a hash of settings, model hashes and the planned items); an output folder holding another
 run's manifest, or data without one, is refused unless ``overwrite`` (which deletes what the earlier run wrote).
+
+**Layout filter.** With a ``segmenter`` (`core.segmenters`, classes matched by name to the label set; a mismatch
+fails before anything is written), each image is segmented right after it is sampled and scored against its label
+map: per-image mIoU over the classes present in the map or the prediction (`core.metrics`). The score is recorded
+(``"miou"``) in the chunk record, ``captions.jsonl`` and the manifest. With ``settings.filter_miou = T``, an image
+scoring under ``T`` is marked ``"flagged": true`` (``filter_action="flag"``) or not written at all
+(``"drop"``: no image, label or caption; the manifest lists it with ``"dropped": true``, its score and seed, and
+its chunk counts as done, so a rerun does not sample it again). A score of None (a map with no class present) is
+never under the threshold. The filter settings and the segmenter's file hashes are part of the run key.
 """
 
 from __future__ import annotations
@@ -280,6 +289,14 @@ class GenerateSettings:
     chunk_size: int = 4
     domains: dict[str, str] = field(default_factory=dict)
     device: str = "cpu"
+    #: Layout filter (module docstring): images whose segmenter mIoU is under this are flagged or dropped.
+    filter_miou: float | None = None
+    filter_action: str = "flag"
+
+
+#: The filter's settings; left out of the run key while at their defaults, so runs without a filter keep their key.
+_FILTER_DEFAULTS = {"filter_miou": None, "filter_action": "flag"}
+FILTER_ACTIONS = ("flag", "drop")
 
 
 def _sha256(path: Path) -> str:
@@ -315,12 +332,23 @@ def model_file_records(paths: Sequence[Path]) -> list[dict[str, Any]]:
     return records
 
 
-def _run_key(settings: GenerateSettings, models: list[dict], label_set: LabelSet, items: list[WorkItem]) -> str:
-    defining = {k: v for k, v in asdict(settings).items() if k != "device"}
+def _run_key(
+    settings: GenerateSettings,
+    models: list[dict],
+    label_set: LabelSet,
+    items: list[WorkItem],
+    segmenter: dict | None = None,
+) -> str:
+    defining = {
+        k: v
+        for k, v in asdict(settings).items()
+        if k != "device" and not (k in _FILTER_DEFAULTS and v == _FILTER_DEFAULTS[k])
+    }
     hashes = [m.get("sha256") or m.get("files") for m in models]  # not the paths: a moved copy is the same run
-    payload = json.dumps(
-        [defining, hashes, label_set.fingerprint(), [asdict(i) | {"label_path": None} for i in items]], sort_keys=True
-    )
+    parts: list[Any] = [defining, hashes, label_set.fingerprint(), [asdict(i) | {"label_path": None} for i in items]]
+    if segmenter is not None:  # appended only when scoring, so runs without a segmenter keep their key
+        parts.append(segmenter.get("sha256") or segmenter.get("files"))
+    payload = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -373,7 +401,8 @@ def precheck_output_folder(out: str | os.PathLike, settings: GenerateSettings, *
     if not isinstance(earlier, dict) or not isinstance(earlier.get("settings"), dict):
         return
     requested = {k: v for k, v in json.loads(json.dumps(asdict(settings))).items() if k != "device"}
-    saved = {k: v for k, v in earlier["settings"].items() if k != "device"}
+    # a manifest from before the filter existed has no filter keys: they were at their defaults
+    saved = {k: v for k, v in (_FILTER_DEFAULTS | earlier["settings"]).items() if k != "device"}
     changed = sorted(k for k in requested.keys() | saved.keys() if requested.get(k) != saved.get(k))
     if changed:
         raise FileExistsError(
@@ -410,19 +439,72 @@ def _chunk_path(out: Path, c: int) -> Path:
     return out / WORK_DIR / f"chunk_{c:06d}.json"
 
 
+def _chunk_records(out: Path, c: int) -> list[dict[str, Any]] | None:
+    """The records of a finished chunk (None when it has none or it cannot be read)."""
+    try:
+        records = json.loads(_chunk_path(out, c).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return records if isinstance(records, list) and all(isinstance(r, dict) for r in records) else None
+
+
 def _chunk_done(out: Path, c: int, items: list[WorkItem]) -> bool:
-    return _chunk_path(out, c).is_file() and all(
-        (out / "images" / f"{i.id}.png").is_file() and (out / "labels" / f"{i.id}.png").is_file() for i in items
+    records = _chunk_records(out, c)
+    if records is None or [r.get("file") for r in records] != [f"{i.id}.png" for i in items]:
+        return False
+    return all(
+        r.get("dropped") or ((out / "images" / r["file"]).is_file() and (out / "labels" / r["file"]).is_file())
+        for r in records
     )
 
 
-def _run_chunk(pipe, out: Path, c: int, items: list[WorkItem], settings: GenerateSettings, label_set, bar) -> None:
+def _scores(segmenter, images, ids: list, label_set: LabelSet) -> list[float | None]:
+    """Per-image layout mIoU of a sampled batch: the segmenter's prediction (`core.segmenters.segment`) against each
+    label map, over the classes present in either (`core.metrics`); None when no class is present.
+
+    Args:
+        segmenter (`Segmenter`): its classes cover the label set (checked before the run).
+        images (`list[PIL.Image]`): RGB samples of one size ``(H, W)``.
+        ids (`list[np.ndarray]`): their `(H, W)` int label maps.
+    """
+    import math
+
+    import numpy as np
+    import torch
+
+    from ..core.metrics import confusion_matrix, segmentation_scores
+    from ..core.segmenters import segment
+
+    pixels = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2)
+    pred = segment(
+        segmenter.model,
+        pixels.float() / 255,
+        label_set,
+        ids[0].shape,
+        segmenter.input_norm,
+        where=str(segmenter.folder),
+        batch_size=len(images),
+    )
+    out = []
+    for p, target in zip(pred, ids):
+        conf = confusion_matrix(
+            p, torch.from_numpy(np.asarray(target)).long(), label_set.num_classes, label_set.ignore_index
+        )
+        miou = segmentation_scores(conf).miou
+        out.append(None if math.isnan(miou) else miou)
+    return out
+
+
+def _run_chunk(
+    pipe, out: Path, c: int, items: list[WorkItem], settings: GenerateSettings, label_set, bar, segmenter=None
+) -> None:
     ids = {}
     for item in items:
         ids[item.index] = read_label_map(item.label_path, label_set).ids
     groups: dict[tuple[int, int], list[WorkItem]] = {}
     for item in items:  # one sampler batch per label-map size, in item order
         groups.setdefault(tuple(ids[item.index].shape), []).append(item)
+    records: dict[int, dict[str, Any]] = {}  # item index -> score and filter marks
     for group in groups.values():
         output = pipe(
             [ids[i.index] for i in group],
@@ -436,12 +518,23 @@ def _run_chunk(pipe, out: Path, c: int, items: list[WorkItem], settings: Generat
             scheduler=settings.scheduler,
             eta=settings.eta,
         )
+        if segmenter is not None:
+            for item, score in zip(group, _scores(segmenter, output.images, [ids[i.index] for i in group], label_set)):
+                under = settings.filter_miou is not None and score is not None and score < settings.filter_miou
+                records[item.index] = {"miou": score} | (
+                    {"dropped": True}
+                    if under and settings.filter_action == "drop"
+                    else {"flagged": under}
+                    if settings.filter_miou is not None
+                    else {}
+                )
         for item, image in zip(group, output.images):
-            atomic_write_bytes(out / "images" / f"{item.id}.png", _png_bytes(image))
-            atomic_write_bytes(out / "labels" / f"{item.id}.png", _label_png_bytes(ids[item.index], label_set))
+            if not records.get(item.index, {}).get("dropped"):
+                atomic_write_bytes(out / "images" / f"{item.id}.png", _png_bytes(image))
+                atomic_write_bytes(out / "labels" / f"{item.id}.png", _label_png_bytes(ids[item.index], label_set))
             if bar is not None:
                 bar.update(1)
-    atomic_write_text(_chunk_path(out, c), json.dumps([_record(i) for i in items]) + "\n")
+    atomic_write_text(_chunk_path(out, c), json.dumps([_record(i) | records.get(i.index, {}) for i in items]) + "\n")
 
 
 def _record(item: WorkItem) -> dict[str, Any]:
@@ -464,6 +557,9 @@ class GenerateResult:
     skipped: int
     seconds: float
     complete: bool
+    #: With the layout filter, over the whole run once complete: images under the threshold dropped / flagged.
+    dropped: int = 0
+    flagged: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -482,6 +578,7 @@ def generate_dataset(
     num_processes: int = 1,
     barrier=None,
     progress: bool = False,
+    segmenter=None,
 ) -> GenerateResult:
     """Generate a dataset (module docstring) from the label maps in ``source`` with ``pipe`` into ``out``.
 
@@ -496,6 +593,8 @@ def generate_dataset(
         barrier (*optional*): a callable all processes enter (``PartialState().wait_for_everyone``) after the main
             process has checked ``out`` and before it writes the final files.
         progress (`bool`): a progress bar (images, images/s, ETA) on the main process.
+        segmenter (`Segmenter`, `str` or `Path`, *optional*): scores every image (layout mIoU, module docstring);
+            needed by ``settings.filter_miou``. A path or ``builtin:toy`` is loaded with `core.segmenters`.
 
     Raises:
         GenerateError, PipelineError, LabelMapError: bad input (named); FileExistsError: ``out`` holds another run.
@@ -504,6 +603,17 @@ def generate_dataset(
 
     if settings.samples < 1 or settings.chunk_size < 1 or settings.steps < 1:
         raise GenerateError("samples, chunk_size and steps must be at least 1")
+    if settings.filter_action not in FILTER_ACTIONS:
+        raise GenerateError(f"filter action {settings.filter_action!r} is not one of {', '.join(FILTER_ACTIONS)}")
+    if settings.filter_miou is not None:
+        if not 0.0 <= float(settings.filter_miou) <= 1.0:
+            raise GenerateError(f"the mIoU filter threshold must be in [0, 1], got {settings.filter_miou}")
+        if segmenter is None:
+            raise GenerateError("the mIoU filter needs a segmenter (--segmenter builtin:toy or a folder)")
+    if isinstance(segmenter, (str, os.PathLike)):
+        from ..core.segmenters import load_segmenter
+
+        segmenter = load_segmenter(segmenter, what="--segmenter")
     out = Path(os.fspath(out)).expanduser()
     layouts, label_set_file = list_layouts(source)
     if limit is not None:
@@ -518,13 +628,20 @@ def generate_dataset(
                 f"label set mismatch: the input's {str(label_set_file)!r} is {describe_label_set(data_set)}, but the "
                 f"adapter reads {describe_label_set(label_set)}; use label maps of the adapter's label set"
             )
+    segmenter_record = None
+    if segmenter is not None:
+        from ..core.segmenters import class_rows
+
+        class_rows(segmenter.model, label_set, str(segmenter.folder))  # a class mismatch fails before any work
+        segmenter.model.to(pipe.device if hasattr(pipe, "device") else "cpu")
+        segmenter_record = model_file_records([segmenter.folder])[0]
     captions = []
     for layout in layouts:  # every label map is read (and checked) before anything is written
         ids = read_label_map(layout.path, label_set).ids
         captions.append(layout.caption or fallback_caption(ids, label_set))
     items = plan_items(layouts, captions, settings.domains or None, samples=settings.samples, seed=settings.seed)
     models = model_file_records(pipe.model_files)
-    run_key = _run_key(settings, models, label_set, items)
+    run_key = _run_key(settings, models, label_set, items, segmenter_record)
     manifest = {
         "format": MANIFEST_FORMAT,
         "tool": "l2i-generate",
@@ -538,6 +655,8 @@ def generate_dataset(
         "settings": asdict(settings),
         "num_images": len(items),
     }
+    if segmenter_record is not None:
+        manifest["segmenter"] = segmenter_record
     main = process_index == 0
     if main:
         resuming = check_output_folder(out, run_key, overwrite=overwrite)
@@ -572,22 +691,31 @@ def generate_dataset(
     start = time.perf_counter()
     try:
         for c in todo:
-            _run_chunk(pipe, out, c, chunks[c], settings, label_set, bar)
+            _run_chunk(pipe, out, c, chunks[c], settings, label_set, bar, segmenter)
     finally:
         bar.close()
     seconds = time.perf_counter() - start
     if barrier is not None:
         barrier()
     complete = False
+    dropped = flagged = 0
     if main:
         complete = all(_chunk_done(out, c, chunks[c]) for c in range(len(chunks)))
         if complete:
-            records = [_record(i) for i in items]
-            atomic_write_text(
-                out / "captions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-            )
+            # the chunk records hold each image's score and filter marks (items alone would lose them on resume)
+            records = [r for c in range(len(chunks)) for r in _chunk_records(out, c) or []]
+            kept = [r for r in records if not r.get("dropped")]
+            dropped, flagged = len(records) - len(kept), sum(bool(r.get("flagged")) for r in kept)
+            atomic_write_text(out / "captions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
             manifest["complete"] = True
+            if settings.filter_miou is not None:
+                manifest["filter"] = {
+                    "miou": settings.filter_miou,
+                    "action": settings.filter_action,
+                    "dropped": dropped,
+                    "flagged": flagged,
+                }
             manifest["images"] = records
             atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
             shutil.rmtree(out / WORK_DIR, ignore_errors=True)
-    return GenerateResult(out, total, skipped, seconds, complete)
+    return GenerateResult(out, total, skipped, seconds, complete, dropped, flagged)

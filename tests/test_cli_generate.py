@@ -301,3 +301,177 @@ def test_ctrl_c_says_what_is_kept(model, data, tmp_path, monkeypatch):
     args = build_parser().parse_args([*argv, "--out", str(tmp_path / "out")])
     with pytest.raises(KeyboardInterrupt, match="finished chunks in .*out are kept; rerun the same command"):
         _generate(args)
+
+
+# ---------------------------------------------------------------------------------------------------- mIoU filter
+FILTERED = {**SETTINGS, "domains": {"night": "{caption}, at night"}, "chunk_size": 2}
+
+
+def test_filter_scores_are_each_images_layout_miou(model, data, tmp_path):
+    from layout2image.core.evaluation import layout_alignment
+    from layout2image.core.segmenters import load_segmenter
+
+    out = tmp_path / "out"
+    result = generate_dataset(model["pipe"], data, out, GenerateSettings(**FILTERED), segmenter="builtin:toy")
+    assert result.complete and result.dropped == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["segmenter"]["files"]["config.json"]) == 64 and "filter" not in manifest
+    captions = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert [r["miou"] for r in captions] == [r["miou"] for r in manifest["images"]] and len(captions) == 3
+    segmenter = load_segmenter("builtin:toy")
+    for record in captions:  # the score l2i-eval would give the image alone
+        stem = record["file"][:-4]
+        alone = layout_alignment(
+            [(stem, out / "images" / record["file"], out / "labels" / record["file"])], segmenter, LABELS
+        )
+        assert record["miou"] == pytest.approx(alone.overall.miou, abs=1e-9)
+        assert "flagged" not in record and "dropped" not in record
+
+
+def _fixed_scores(monkeypatch, scores: dict[int, float]):
+    """Score item i (by seed: FILTERED's seed is 5) as scores[i], whatever the image."""
+    import layout2image.pipelines.dataset as dataset
+
+    calls = []
+
+    def fake(segmenter, images, ids, label_set):
+        calls.append(len(images))
+        return [scores[n] for n in range(sum(calls) - len(images), sum(calls))]
+
+    monkeypatch.setattr(dataset, "_scores", fake)
+    return calls
+
+
+def test_filter_drop_removes_exactly_the_images_under_the_threshold_and_flag_keeps_them(
+    model, data, tmp_path, monkeypatch
+):
+    from layout2image.trainer.data import FolderDataset, TransformConfig
+
+    _fixed_scores(monkeypatch, {0: 0.9, 1: 0.2, 2: 0.5})
+    drop = GenerateSettings(**FILTERED, filter_miou=0.5, filter_action="drop")
+    result = generate_dataset(model["pipe"], data, tmp_path / "drop", drop, segmenter="builtin:toy")
+    assert result.complete and (result.dropped, result.flagged) == (1, 0)
+    out = tmp_path / "drop"
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["scene_0_night.png", "scene_2_night.png"]
+    assert sorted(p.name for p in (out / "labels").iterdir()) == ["scene_0_night.png", "scene_2_night.png"]
+    captions = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert [(r["file"], r["miou"]) for r in captions] == [("scene_0_night.png", 0.9), ("scene_2_night.png", 0.5)]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["filter"] == {"miou": 0.5, "action": "drop", "dropped": 1, "flagged": 0}
+    dropped = [r for r in manifest["images"] if r.get("dropped")]
+    assert [(r["file"], r["miou"], r["seed"]) for r in dropped] == [("scene_1_night.png", 0.2, 6)]
+    ds = FolderDataset(out, transform=TransformConfig(resolution=None, resize="none", crop="none", flip_prob=0.0))
+    assert len(ds) == 2  # the trainer reads the filtered folder as it is
+
+    _fixed_scores(monkeypatch, {0: 0.9, 1: 0.2, 2: 0.5})
+    flag = GenerateSettings(**FILTERED, filter_miou=0.5, filter_action="flag")
+    result = generate_dataset(model["pipe"], data, tmp_path / "flag", flag, segmenter="builtin:toy")
+    assert (result.dropped, result.flagged) == (0, 1)
+    captions = [json.loads(line) for line in (tmp_path / "flag" / "captions.jsonl").read_text().splitlines()]
+    assert [(r["file"], r["flagged"]) for r in captions] == [
+        ("scene_0_night.png", False),
+        ("scene_1_night.png", True),
+        ("scene_2_night.png", False),
+    ]
+    assert len(list((tmp_path / "flag" / "images").iterdir())) == 3
+    # the kept images are the same bytes as in the dropping run
+    for name in ("scene_0_night.png", "scene_2_night.png"):
+        assert (tmp_path / "flag" / "images" / name).read_bytes() == (out / "images" / name).read_bytes()
+
+    # another threshold is another run: refused before any model is loaded
+    from layout2image.pipelines.dataset import precheck_output_folder
+
+    with pytest.raises(FileExistsError, match="settings differ: filter_miou"):
+        precheck_output_folder(
+            out, GenerateSettings(**FILTERED, filter_miou=0.6, filter_action="drop"), overwrite=False
+        )
+    with pytest.raises(FileExistsError, match="another run's manifest"):  # a scoring run differs from a plain one
+        generate_dataset(model["pipe"], data, tmp_path / "flag", GenerateSettings(**FILTERED))
+
+
+def test_filter_resume_after_a_kill_and_two_processes_equal_an_uninterrupted_run(model, data, tmp_path):
+    settings = GenerateSettings(**{**FILTERED, "chunk_size": 1}, filter_miou=0.0, filter_action="drop")
+    reference = tmp_path / "ref"
+    generate_dataset(model["pipe"], data, reference, settings, segmenter="builtin:toy")
+    scores = sorted({r["miou"] for r in json.loads((reference / "manifest.json").read_text())["images"]})
+    # a threshold between the observed scores (the middle one is kept: not under)
+    assert len(scores) >= 2, f"the tiny model's images all score the same ({scores}); the test cannot split them"
+    threshold = (scores[0] + scores[1]) / 2
+    settings.filter_miou = threshold
+    reference = tmp_path / "ref2"
+    generate_dataset(model["pipe"], data, reference, settings, segmenter="builtin:toy")
+    manifest = json.loads((reference / "manifest.json").read_text())
+    assert [r["file"] for r in manifest["images"] if r.get("dropped")] == [
+        r["file"] for r in manifest["images"] if r["miou"] < threshold
+    ] and manifest["filter"]["dropped"] >= 1
+    expected = _files(reference)
+
+    class Killed(Exception):
+        pass
+
+    calls = []
+
+    def killing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Killed
+        return model["pipe"](*args, **kwargs)
+
+    killing.label_set, killing.adapter_kind, killing.model_files = (
+        model["pipe"].label_set,
+        model["pipe"].adapter_kind,
+        model["pipe"].model_files,
+    )
+    killed = tmp_path / "killed"
+    with pytest.raises(Killed):
+        generate_dataset(killing, data, killed, settings, segmenter="builtin:toy")
+    rerun = generate_dataset(model["pipe"], data, killed, settings, segmenter="builtin:toy")
+    assert rerun.complete and rerun.skipped == 2 and rerun.written == 1
+    assert _files(killed) == expected
+
+    sharded = tmp_path / "sharded"  # processes 0 and 1 of 2, one after the other, then process 0 finishes the files
+    for index in (0, 1):
+        generate_dataset(
+            model["pipe"], data, sharded, settings, process_index=index, num_processes=2, segmenter="builtin:toy"
+        )
+    assert generate_dataset(model["pipe"], data, sharded, settings, segmenter="builtin:toy").written == 0
+    assert _files(sharded) == expected
+
+
+def test_filter_cli_and_a_segmenter_whose_classes_do_not_match(model, data, tmp_path, capsys, monkeypatch):
+    from transformers import SegformerForSemanticSegmentation
+
+    from layout2image.core.discriminator.segmenter import tiny_segmenter_config
+
+    city = get_label_set("cityscapes")
+    config = tiny_segmenter_config("segformer")
+    config.id2label = dict(enumerate(city.names))
+    config.label2id = {n: i for i, n in enumerate(city.names)}
+    torch.manual_seed(0)
+    SegformerForSemanticSegmentation(config).save_pretrained(tmp_path / "seg")
+
+    import layout2image.pipelines.dataset as dataset
+
+    sampled = []
+    monkeypatch.setattr(dataset, "_run_chunk", lambda *a, **k: sampled.append(1))
+    argv = ["--base", str(model["base"]), "--adapter", str(model["adapter"]), "--input", str(data), "--steps", "1"]
+    out = tmp_path / "out"
+    assert main([*argv, "--out", str(out), "--filter-miou", "0.5", "--segmenter", str(tmp_path / "seg")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("l2i-generate: error: the segmenter in") and "has no class named" in err[-1]
+    assert "'toy'" in err[-1] and not sampled and not out.exists()
+    with pytest.raises(SystemExit) as exited:  # argparse's own check: usage, then the error line
+        main([*argv, "--out", str(out), "--filter-miou", "1.5"])
+    assert exited.value.code == 2
+    assert "--filter-miou: expected an mIoU threshold in [0, 1], got '1.5'" in capsys.readouterr().err
+    assert main([*argv, "--out", str(out), "--segmenter", str(tmp_path / "none")]) == 2
+    assert "`--segmenter`" in capsys.readouterr().err.strip().splitlines()[-1] and not sampled
+    with pytest.raises(GenerateError, match="needs a segmenter"):
+        generate_dataset(model["pipe"], data, out, GenerateSettings(**FILTERED, filter_miou=0.5))
+    monkeypatch.undo()
+
+    # the CLI end to end: builtin:toy by default, a threshold of 1 flags every image that is not perfect
+    assert main([*argv, "--out", str(out), "--limit", "2", "--filter-miou", "1", "--threads", "1"]) == 0
+    assert "mIoU < 1.0: 0 dropped, 2 flagged" in capsys.readouterr().out
+    captions = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
+    assert [r["flagged"] for r in captions] == [True, True] and all(0 <= r["miou"] < 1 for r in captions)
