@@ -7,7 +7,8 @@ Examples::
     l2i-generate --base v1-5-pruned-emaonly.safetensors --adapter aldm_ade20k.safetensors \\
         --input my_label_maps/ --label-set ade20k --prompt-file domains.txt --samples 4 --out synth_ade
     l2i-generate ... --filter-miou 0.5 --filter-action drop --segmenter builtin:toy   (keep images the segmenter reads)
-    accelerate launch --num_processes 2 --cpu -m layout2image.cli.generate ...   (same files as one process)
+    torchrun --standalone --nproc_per_node 2 -m layout2image.cli.generate ...   (same files as one process; or
+    accelerate launch --multi_gpu --num_processes 2: with --cpu, accelerate 1.15 starts only one process)
 
 The input is a dataset folder (``labels/`` + ``captions.jsonl``/``labelset.yaml``), a folder of label maps, or a
 ``.txt`` list of label-map files; layouts without a caption get one built from their classes. A rerun with the same
