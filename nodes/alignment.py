@@ -76,6 +76,19 @@ def _error_image(errors: torch.Tensor) -> torch.Tensor:
     return torch.stack([wrong + ignore, ignore, ignore], dim=-1)
 
 
+def _input_norm_input():
+    """The ``input_norm`` combo both segmenter nodes show (one wording for one setting)."""
+    return io.Combo.Input(
+        "input_norm",
+        options=list(INPUT_NORM_OPTIONS),
+        default="auto",
+        tooltip=(
+            "Pixel normalisation the segmenter expects: 'auto' reads the folder's "
+            "preprocessor_config.json (ImageNet if absent); 'imagenet'; 'half' ((x - 0.5) / 0.5)."
+        ),
+    )
+
+
 class L2ILayoutAlignment(io.ComfyNode):
     """Score how well generated images follow their label map: mIoU, per-class IoU, error heat-map."""
 
@@ -104,15 +117,7 @@ class L2ILayoutAlignment(io.ComfyNode):
                         "naming the label set's classes); loaded offline."
                     ),
                 ),
-                io.Combo.Input(
-                    "input_norm",
-                    options=list(INPUT_NORM_OPTIONS),
-                    default="auto",
-                    tooltip=(
-                        "Pixel normalisation the segmenter expects: 'auto' reads the folder's "
-                        "preprocessor_config.json (ImageNet if absent); 'imagenet'; 'half' ((x - 0.5) / 0.5)."
-                    ),
-                ),
+                _input_norm_input(),
             ],
             outputs=[
                 io.Float.Output("miou", tooltip="Mean IoU over classes in the map or the prediction, 0-1."),
@@ -187,15 +192,7 @@ class L2ISegmentImage(io.ComfyNode):
                         "naming the label set's classes), or builtin:toy; loaded offline."
                     ),
                 ),
-                io.Combo.Input(
-                    "input_norm",
-                    options=list(INPUT_NORM_OPTIONS),
-                    default="auto",
-                    tooltip=(
-                        "Pixel normalisation the segmenter expects: 'auto' reads the folder's "
-                        "preprocessor_config.json (ImageNet if absent); 'imagenet'; 'half' ((x - 0.5) / 0.5)."
-                    ),
-                ),
+                _input_norm_input(),
             ],
             outputs=[LabelMapType.Output("label_map", tooltip="The predicted label map, one per image.")],
         )

@@ -71,6 +71,24 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+class _Killed(Exception):
+    """What `_pipe_killed_at_call` raises: a run stopped in the middle."""
+
+
+def _pipe_killed_at_call(pipe, n: int):
+    """A stand-in for ``pipe`` (same attributes generate_dataset reads) that raises `_Killed` on its n-th call."""
+    calls = []
+
+    def killing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise _Killed
+        return pipe(*args, **kwargs)
+
+    killing.label_set, killing.adapter_kind, killing.model_files = pipe.label_set, pipe.adapter_kind, pipe.model_files
+    return killing
+
+
 def test_output_is_a_folder_dataset_the_trainer_reads(model, data, tmp_path):
     from layout2image.trainer.data import FolderDataset, TransformConfig
 
@@ -116,24 +134,9 @@ def test_two_processes_killed_runs_and_resume_write_the_same_bytes(model, data, 
     assert _files(sharded) == expected
 
     # A run killed in the middle of its second chunk (an image of it written), then rerun, equals the reference.
-    class Killed(Exception):
-        pass
-
-    calls = []
-
-    def killing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise Killed
-        return model["pipe"](*args, **kwargs)
-
-    killing.label_set, killing.adapter_kind, killing.model_files = (
-        model["pipe"].label_set,
-        model["pipe"].adapter_kind,
-        model["pipe"].model_files,
-    )
+    killing = _pipe_killed_at_call(model["pipe"], 2)
     killed = tmp_path / "killed"
-    with pytest.raises(Killed):
+    with pytest.raises(_Killed):
         generate_dataset(killing, data, killed, settings)
     assert len(list((killed / "images").iterdir())) == 2 and not (killed / "captions.jsonl").exists()
     rerun = generate_dataset(model["pipe"], data, killed, settings)
@@ -406,24 +409,9 @@ def test_filter_resume_after_a_kill_and_two_processes_equal_an_uninterrupted_run
     ] and manifest["filter"]["dropped"] >= 1
     expected = _files(reference)
 
-    class Killed(Exception):
-        pass
-
-    calls = []
-
-    def killing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise Killed
-        return model["pipe"](*args, **kwargs)
-
-    killing.label_set, killing.adapter_kind, killing.model_files = (
-        model["pipe"].label_set,
-        model["pipe"].adapter_kind,
-        model["pipe"].model_files,
-    )
+    killing = _pipe_killed_at_call(model["pipe"], 3)
     killed = tmp_path / "killed"
-    with pytest.raises(Killed):
+    with pytest.raises(_Killed):
         generate_dataset(killing, data, killed, settings, segmenter="builtin:toy")
     rerun = generate_dataset(model["pipe"], data, killed, settings, segmenter="builtin:toy")
     assert rerun.complete and rerun.skipped == 2 and rerun.written == 1
